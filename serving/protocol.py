@@ -1,0 +1,145 @@
+"""What crosses the gateway's wire: OpenAI request shapes, the error shape, feedback and admin bodies.
+
+Only the fields the gateway acts on are declared; every other field passes through to
+vLLM untouched (`extra="allow"`), so vLLM stays the judge of sampling parameters and
+the client sees vLLM's own 400s for them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code, self.message, self.type = status_code, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class _PassThrough(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    user: str | None = None
+    stream_options: dict[str, Any] | None = None
+
+    def upstream_body(self, **overrides: Any) -> dict[str, Any]:
+        body = self.model_dump(exclude_unset=True)
+        body.update(overrides)
+        return body
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_PassThrough):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+
+    def prompt_text(self) -> str:
+        """The last user turn: what drift and quality are judged on."""
+        users = [m for m in self.messages if m.role == "user"]
+        return (users[-1] if users else self.messages[-1]).text()
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
+
+    def with_logprobs(self) -> dict[str, Any]:
+        return {"logprobs": True}
+
+
+class CompletionRequest(_PassThrough):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            if len(self.prompt) != 1:
+                raise ValueError("prompt: batched prompts are not supported; send one per request")
+        return self
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) == 1 and isinstance(self.prompt[0], str):
+            return self.prompt[0]
+        return json.dumps(self.prompt)
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    def with_logprobs(self) -> dict[str, Any]:
+        return {"logprobs": 0}
+
+
+InferenceRequest = ChatCompletionRequest | CompletionRequest
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    exchange_id: str = Field(min_length=1)
+    reference: str | None = None
+    rating: float | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> FeedbackRequest:
+        if self.reference is None and self.rating is None:
+            raise ValueError("give a reference, a rating, or both")
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    id: int
+    exchange_id: str
+    object: Literal["feedback"] = "feedback"
+
+
+class AdapterLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    path: str = Field(min_length=1)
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    path: str
+    fingerprint: str
+    loaded: bool
+    routes: list[str]

@@ -1,0 +1,258 @@
+"""The store: every exchange, feedback, adapter, routing change and event, in one schema.
+
+SQLAlchemy 2 with one code path for SQLite (the embedded default, WAL mode) and
+PostgreSQL (several gateways on several hosts). The methods are synchronous; the
+gateway calls them through `asyncio.to_thread` so a slow disk never blocks its event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from serving.routing import RoutingTable
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Exchange(Base):
+    """One request and its answer, as the client saw them (shadow calls are exchanges too)."""
+
+    __tablename__ = "exchanges"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    route: Mapped[str] = mapped_column(String(16))  # primary | canary | shadow | pinned
+    adapter: Mapped[str] = mapped_column(String(128), index=True)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("exchanges.id"), index=True)
+    endpoint: Mapped[str] = mapped_column(String(32))  # chat.completions | completions
+    user: Mapped[str | None] = mapped_column(String(256))
+    prompt: Mapped[str] = mapped_column(Text)
+    request: Mapped[dict[str, Any]]
+    response: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    ttft_seconds: Mapped[float | None] = mapped_column(Float)
+    latency_seconds: Mapped[float] = mapped_column(Float)
+    mean_logprob: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # ok | error
+    http_status: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Feedback(Base):
+    """A reference answer and/or a rating posted later for a logged exchange."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    exchange_id: Mapped[str] = mapped_column(ForeignKey("exchanges.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reference: Mapped[str | None] = mapped_column(Text)
+    rating: Mapped[float | None] = mapped_column(Float)
+
+
+class Adapter(Base):
+    """A LoRA adapter the engine may serve. A name always means the same weights."""
+
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    loaded: Mapped[bool] = mapped_column(default=True)
+
+
+class RoutingChange(Base):
+    """The routing table's history; the newest row is the table in force."""
+
+    __tablename__ = "routing"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    table: Mapped[dict[str, Any]]
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class Event(Base):
+    """An automatic or manual decision, with its reason: the audit trail."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    name: str
+    path: str
+    fingerprint: str
+    loaded: bool
+
+
+class UnknownExchangeError(LookupError):
+    pass
+
+
+class AdapterNameTakenError(ValueError):
+    """The name is registered for other weights; reusing it would poison vLLM's prefix cache."""
+
+
+def _enable_sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_db_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _enable_sqlite_wal)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    """All reads and writes of the schema; one instance per process."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_db_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # exchanges and feedback
+
+    def record_exchanges(self, exchanges: list[dict[str, Any]]) -> None:
+        """Insert in the given order (a shadow comes after its parent) in one transaction."""
+        with self.session() as session:
+            session.execute(insert(Exchange), exchanges)
+
+    def get_exchange(self, exchange_id: str) -> Exchange | None:
+        with self.session() as session:
+            return session.get(Exchange, exchange_id)
+
+    def count_exchanges(self) -> int:
+        with self.session() as session:
+            return session.scalar(select(func.count()).select_from(Exchange)) or 0
+
+    def add_feedback(
+        self, exchange_id: str, reference: str | None, rating: float | None
+    ) -> int:
+        with self.session() as session:
+            if session.get(Exchange, exchange_id) is None:
+                raise UnknownExchangeError(exchange_id)
+            feedback = Feedback(exchange_id=exchange_id, reference=reference, rating=rating)
+            session.add(feedback)
+            session.flush()
+            return feedback.id
+
+    # adapters
+
+    def register_adapter(self, name: str, path: str, fingerprint: str) -> None:
+        with self.session() as session:
+            existing = session.get(Adapter, name)
+            if existing is None:
+                session.add(Adapter(name=name, path=path, fingerprint=fingerprint))
+            elif existing.fingerprint != fingerprint:
+                raise AdapterNameTakenError(name)
+            else:
+                existing.path, existing.loaded = path, True
+
+    def set_adapter_loaded(self, name: str, loaded: bool) -> None:
+        with self.session() as session:
+            adapter = session.get(Adapter, name)
+            if adapter is not None:
+                adapter.loaded = loaded
+
+    def adapters(self) -> list[AdapterRecord]:
+        with self.session() as session:
+            rows = session.scalars(select(Adapter).order_by(Adapter.created_at))
+            return [AdapterRecord(r.name, r.path, r.fingerprint, r.loaded) for r in rows]
+
+    # routing
+
+    def routing_table(self) -> RoutingTable | None:
+        with self.session() as session:
+            row = session.scalars(
+                select(RoutingChange).order_by(RoutingChange.id.desc()).limit(1)
+            ).first()
+            return None if row is None else RoutingTable(**row.table)
+
+    def set_routing_table(self, table: RoutingTable, reason: str) -> None:
+        with self.session() as session:
+            session.add(RoutingChange(table=table.as_dict(), reason=reason))
+            session.add(
+                Event(kind="routing.changed", reason=reason, data=table.as_dict())
+            )
+
+    # events
+
+    def record_event(
+        self, kind: str, reason: str, subject: str | None = None, **data: Any
+    ) -> None:
+        with self.session() as session:
+            # JSON round trip: the audit trail never holds a value it cannot read back.
+            session.add(
+                Event(kind=kind, subject=subject, reason=reason, data=json.loads(json.dumps(data)))
+            )
+
+    def events(self, kind: str | None = None, limit: int = 100) -> list[Event]:
+        with self.session() as session:
+            query = select(Event).order_by(Event.id.desc()).limit(limit)
+            if kind is not None:
+                query = query.where(Event.kind == kind)
+            return list(session.scalars(query))

@@ -1,0 +1,114 @@
+"""The one settings model: defaults, then a YAML file, then TUNEWATCH_* environment variables.
+
+Nested fields take a double underscore in the environment:
+TUNEWATCH_GATEWAY__PORT=9000 sets gateway.port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """The configuration is invalid; the message names every bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Section):
+    model: str | None = Field(
+        default=None, description="A Hugging Face model directory; unset: the shipped SmolLM2."
+    )
+    served_model_name: str = "smollm2-135m-instruct"
+    url: str | None = Field(
+        default=None, description="A running vLLM server (tunewatch serve); unset: start one."
+    )
+    port: int = Field(default=8100, ge=1, le=65535)
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_loras: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1)
+    max_model_len: int = Field(default=2048, ge=64)
+    cpu_kv_cache_gib: int = Field(default=2, ge=1)
+    cpu_threads: str = "auto"
+    extra_args: list[str] = Field(default_factory=list)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token of /admin; unset: generated into the state dir."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="If set, /v1 needs one of these as a bearer token."
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    reconcile_interval_s: float = Field(default=5.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TUNEWATCH_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    cache_dir: Path = Path(platformdirs.user_cache_dir("tunewatch"))
+    state_dir: Path = Path(platformdirs.user_data_dir("tunewatch"))
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; unset: a SQLite file in the state dir."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init values; the environment overrides it.
+        return env_settings, init_settings
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'tunewatch.db'}"
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "settings"
+        given = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
+        lines.append(f"  {where}: {item['msg']}{given}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Read the YAML file (if any) and the environment; raise SettingsError naming bad values."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values = yaml.safe_load(config_file.read_text()) or {}
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {config_file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"config file {config_file} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise SettingsError(f"config file {config_file} must hold a mapping at the top")
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
