@@ -52,7 +52,7 @@ def _prepare(settings: Settings) -> tuple[Path, Path]:
 
 @model_app.command("prepare")
 def model_prepare(config: ConfigOption = None) -> None:
-    """Convert the shipped SmolLM2 to a Hugging Face directory (once) and make its identity adapter."""
+    """Convert the shipped SmolLM2 to a Hugging Face directory once; create its identity adapter."""
     settings = _settings(config)
     model_dir, identity = _prepare(settings)
     console.print(f"model:            {model_dir}")

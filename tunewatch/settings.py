@@ -87,11 +87,25 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.state_dir / 'tunewatch.db'}"
 
 
+def _secret_fields() -> set[str]:
+    """The names of SecretStr fields (alone, optional or in a list), in every section."""
+    sections = [f.annotation for f in Settings.model_fields.values()]
+    models = [Settings, *(m for m in sections if isinstance(m, type) and issubclass(m, BaseModel))]
+    return {
+        name
+        for model in models
+        for name, info in model.model_fields.items()
+        if "SecretStr" in str(info.annotation)
+    }
+
+
 def _describe(error: ValidationError) -> str:
-    lines = []
+    lines, secrets = [], _secret_fields()
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "settings"
-        given = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
+        # A mistyped secret (a numeric token, say) must not be echoed to the terminal or the logs.
+        hidden = item["type"] == "missing" or bool(secrets.intersection(map(str, item["loc"])))
+        given = "" if hidden else f" (got {item.get('input')!r})"
         lines.append(f"  {where}: {item['msg']}{given}")
     return "invalid configuration:\n" + "\n".join(lines)
 

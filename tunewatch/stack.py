@@ -76,9 +76,8 @@ async def _serve_http(
     settings: Settings, gateway: Gateway, identity_dir: Path,
     hooks: list[Callable[[], Awaitable[Any]]],
 ) -> None:  # fmt: skip
-    await gateway.adapters.load(
-        gateway.adapters.base_adapter, str(identity_dir), reason="identity adapter for the base model"
-    )
+    base = gateway.adapters.base_adapter
+    await gateway.adapters.load(base, str(identity_dir), reason="identity adapter of the base")
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(gateway, lifespan_hooks=hooks),

@@ -1,0 +1,76 @@
+"""Fixtures of the integration tests: the prepared model, real LoRA adapters, the running stack."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serving.store import Store
+from tests.integration.realstack import (
+    ADMIN_TOKEN,
+    Stack,
+    free_port,
+    make_lora_adapter,
+    wait_until,
+)
+from tunewatch import stack
+from tunewatch.settings import load_settings
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    model, _ = stack.prepare(load_settings())
+    return model
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_lora_adapter(model_dir, root / f"lora-{seed}", seed) for seed in (1, 2)]
+
+
+@pytest.fixture(scope="session")
+def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`tunewatch up` in a child process, on free ports, with its own state dir and SQLite store."""
+    state_dir = tmp_path_factory.mktemp("state")
+    gateway_port, engine_port = free_port(), free_port()
+    env = dict(
+        os.environ,
+        TUNEWATCH_STATE_DIR=str(state_dir),
+        TUNEWATCH_GATEWAY__PORT=str(gateway_port),
+        TUNEWATCH_GATEWAY__ADMIN_TOKEN=ADMIN_TOKEN,
+        TUNEWATCH_GATEWAY__RECONCILE_INTERVAL_S="2",
+        TUNEWATCH_ENGINE__PORT=str(engine_port),
+    )
+    log_file = state_dir / "tunewatch.log"
+    with log_file.open("wb") as sink:
+        tunewatch = str(Path(sys.executable).parent / "tunewatch")
+        process = subprocess.Popen([tunewatch, "up"], env=env, stdout=sink, stderr=sink)
+    result = Stack(
+        process=process,
+        gateway_url=f"http://127.0.0.1:{gateway_port}",
+        engine_url=f"http://127.0.0.1:{engine_port}",
+        store=Store(f"sqlite:///{state_dir / 'tunewatch.db'}"),
+        log_file=log_file,
+        state_dir=state_dir,
+    )
+    try:
+        wait_until(
+            lambda: process.poll() is None and result.ready() or process.poll() is not None,
+            timeout_s=600, what="tunewatch up ready",
+        )  # fmt: skip
+        assert process.poll() is None, f"tunewatch up exited:\n{log_file.read_text()[-4000:]}"
+        yield result
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        result.store.close()

@@ -1,0 +1,327 @@
+"""The store's behaviour, the same on SQLite and on PostgreSQL (one schema, one code path)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from serving.recorder import ExchangeRecorder
+from serving.routing import RoutingTable
+from serving.store import (
+    AdapterNameTakenError,
+    AdapterRecord,
+    Exchange,
+    Feedback,
+    Store,
+    UnknownExchangeError,
+    new_id,
+)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    store = Store(store_url)
+    yield store
+    store.close()
+
+
+def exchange(**fields: Any) -> dict[str, Any]:
+    """An exchange as the gateway records it (every column given), with `fields` changed."""
+    record = dict(
+        id=new_id(),
+        created_at=datetime(2026, 11, 3, 14, 5, 6, 123456, tzinfo=UTC),
+        route="primary",
+        adapter="support-v3",
+        parent_id=None,
+        endpoint="chat.completions",
+        user="user-17",
+        prompt="Wie setze ich mein Passwort zurück? 🔑",
+        request={
+            "model": "tunewatch",
+            "messages": [{"role": "user", "content": "Wie setze ich mein Passwort zurück? 🔑"}],
+            "temperature": 0.2,
+            "logprobs": True,
+            "stop": None,
+        },
+        response="Open Settings, then Security.",
+        prompt_tokens=14,
+        completion_tokens=7,
+        ttft_seconds=0.0421875,
+        latency_seconds=0.3125,
+        mean_logprob=-0.734375,
+        finish_reason="stop",
+        status="ok",
+        http_status=200,
+        error=None,
+    )
+    return record | fields
+
+
+def count(store: Store, model: type) -> int:
+    with store.session() as session:
+        return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+# exchanges
+
+
+def test_a_shadow_recorded_after_its_parent_in_the_same_batch_is_accepted(store: Store) -> None:
+    parent = exchange()
+    shadow = exchange(route="shadow", adapter="support-v4", parent_id=parent["id"])
+
+    store.record_exchanges([parent, shadow])
+
+    assert store.get_exchange(shadow["id"]).parent_id == parent["id"]
+
+
+def test_a_batch_is_written_in_the_given_order(store: Store) -> None:
+    # Each exchange refers to the one before it: any other order breaks a foreign key.
+    chain = [exchange()]
+    for _ in range(49):
+        chain.append(exchange(route="shadow", parent_id=chain[-1]["id"]))
+
+    store.record_exchanges(chain)
+
+    assert count(store, Exchange) == 50
+
+
+def test_a_batch_with_a_shadow_before_its_parent_is_refused_whole(store: Store) -> None:
+    parent = exchange()
+    shadow = exchange(route="shadow", parent_id=parent["id"])
+
+    with pytest.raises(IntegrityError):
+        store.record_exchanges([exchange(), shadow, parent])
+
+    assert count(store, Exchange) == 0
+
+
+def test_an_exchange_reads_back_field_for_field(store: Store) -> None:
+    recorded = exchange()
+
+    store.record_exchanges([recorded])
+
+    stored = store.get_exchange(recorded["id"])
+    assert {name: getattr(stored, name) for name in recorded} == recorded
+
+
+def test_an_exchange_with_empty_optional_fields_reads_back_as_none(store: Store) -> None:
+    recorded = exchange(
+        user=None, response=None, prompt_tokens=None, completion_tokens=None,
+        ttft_seconds=None, mean_logprob=None, finish_reason=None,
+        status="error", http_status=503, error="engine unavailable",
+    )  # fmt: skip
+
+    store.record_exchanges([recorded])
+
+    stored = store.get_exchange(recorded["id"])
+    assert {name: getattr(stored, name) for name in recorded} == recorded
+
+
+def test_created_at_reads_back_timezone_aware_at_the_same_instant(store: Store) -> None:
+    in_berlin = datetime(2026, 11, 3, 15, 5, 6, 123456, tzinfo=timezone(timedelta(hours=1)))
+    recorded = exchange(created_at=in_berlin)
+
+    store.record_exchanges([recorded])
+
+    created_at = store.get_exchange(recorded["id"]).created_at
+    assert created_at.tzinfo is not None
+    assert created_at.utcoffset() == timedelta(0)
+    assert created_at == in_berlin
+
+
+def test_created_at_defaults_to_now_in_utc(store: Store) -> None:
+    recorded = exchange()
+    del recorded["created_at"]
+    before = datetime.now(UTC)
+
+    store.record_exchanges([recorded])
+
+    created_at = store.get_exchange(recorded["id"]).created_at
+    assert before <= created_at <= datetime.now(UTC)
+
+
+def test_an_unknown_exchange_reads_as_none(store: Store) -> None:
+    assert store.get_exchange(new_id()) is None
+
+
+# feedback
+
+
+def test_feedback_for_a_recorded_exchange_is_kept(store: Store) -> None:
+    recorded = exchange()
+    store.record_exchanges([recorded])
+
+    feedback_id = store.add_feedback(recorded["id"], "Settings, then Security.", rating=0.5)
+
+    with store.session() as session:
+        feedback = session.get(Feedback, feedback_id)
+        assert (feedback.exchange_id, feedback.reference, feedback.rating) == (
+            recorded["id"], "Settings, then Security.", 0.5,
+        )  # fmt: skip
+
+
+def test_feedback_for_an_unknown_exchange_raises_and_writes_nothing(store: Store) -> None:
+    with pytest.raises(UnknownExchangeError):
+        store.add_feedback(new_id(), reference="anything", rating=1.0)
+
+    assert count(store, Feedback) == 0
+
+
+# adapters
+
+
+def test_registering_an_adapter_again_with_the_same_weights_is_accepted(store: Store) -> None:
+    store.register_adapter("support-v3", "/adapters/support-v3", fingerprint="ab12")
+    store.set_adapter_loaded("support-v3", False)
+
+    store.register_adapter("support-v3", "/mnt/adapters/support-v3", fingerprint="ab12")
+
+    assert store.adapters() == [
+        AdapterRecord("support-v3", "/mnt/adapters/support-v3", "ab12", loaded=True)
+    ]
+
+
+def test_registering_a_taken_name_for_other_weights_raises_and_keeps_the_first(
+    store: Store,
+) -> None:
+    store.register_adapter("support-v3", "/adapters/support-v3", fingerprint="ab12")
+
+    with pytest.raises(AdapterNameTakenError):
+        store.register_adapter("support-v3", "/adapters/other", fingerprint="cd34")
+
+    assert store.adapters() == [
+        AdapterRecord("support-v3", "/adapters/support-v3", "ab12", loaded=True)
+    ]
+
+
+# routing
+
+
+def test_there_is_no_routing_table_before_one_is_set(store: Store) -> None:
+    assert store.routing_table() is None
+
+
+def test_the_newest_routing_table_is_in_force(store: Store) -> None:
+    first = RoutingTable(primary="support-v3")
+    newest = RoutingTable(
+        primary="support-v3", canary="support-v4", canary_weight=0.1,
+        shadow="support-v5", shadow_fraction=0.25,
+    )  # fmt: skip
+
+    store.set_routing_table(first, reason="initial")
+    store.set_routing_table(newest, reason="canary step 1")
+
+    assert store.routing_table() == newest
+
+
+def test_each_routing_change_is_an_event_with_its_reason(store: Store) -> None:
+    first = RoutingTable(primary="support-v3")
+    second = RoutingTable(primary="support-v3", canary="support-v4", canary_weight=0.1)
+
+    store.set_routing_table(first, reason="initial")
+    store.set_routing_table(second, reason="canary step 1")
+
+    events = store.events(kind="routing.changed")  # newest first
+    assert [(e.reason, e.data) for e in events] == [
+        ("canary step 1", second.as_dict()),
+        ("initial", first.as_dict()),
+    ]
+
+
+# events
+
+
+def test_an_event_keeps_its_kind_subject_reason_and_data(store: Store) -> None:
+    store.record_event(
+        "retrain.skipped", "drift held 2 of 3 checks", subject="support-v3",
+        drift_score=0.41, checks=[True, True, False], window={"size": 200},
+    )  # fmt: skip
+
+    [event] = store.events()
+    assert (event.kind, event.subject, event.reason, event.data) == (
+        "retrain.skipped",
+        "support-v3",
+        "drift held 2 of 3 checks",
+        {"drift_score": 0.41, "checks": [True, True, False], "window": {"size": 200}},
+    )
+
+
+def test_events_are_filtered_by_kind_newest_first(store: Store) -> None:
+    store.record_event("rollout.started", "first")
+    store.record_event("retrain.skipped", "other kind")
+    store.record_event("rollout.started", "second")
+
+    assert [e.reason for e in store.events(kind="rollout.started")] == ["second", "first"]
+
+
+# the database itself
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_sqlite_runs_in_wal_mode(store: Store) -> None:
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_two_stores_on_one_database_see_each_others_writes(store_url: str) -> None:
+    gateway_a, gateway_b = Store(store_url), Store(store_url)
+    try:
+        recorded = exchange()
+        gateway_a.record_exchanges([recorded])
+        gateway_b.set_routing_table(RoutingTable(primary="support-v3"), reason="initial")
+
+        assert gateway_b.get_exchange(recorded["id"]) is not None
+        assert gateway_a.routing_table() == RoutingTable(primary="support-v3")
+    finally:
+        gateway_a.close()
+        gateway_b.close()
+
+
+# the recorder
+
+
+async def test_the_recorder_writes_everything_submitted_once_flushed(store: Store) -> None:
+    recorder = ExchangeRecorder(store, max_batch=16)
+    recorder.start()
+    try:
+        submitted = [exchange() for _ in range(100)]
+        for record in submitted:
+            recorder.submit(record)
+
+        await recorder.flush()
+
+        assert count(store, Exchange) == 100
+        assert all(store.get_exchange(record["id"]) is not None for record in submitted)
+    finally:
+        await recorder.stop()
+
+
+async def test_the_recorder_writes_a_shadow_submitted_after_its_parent(store: Store) -> None:
+    recorder = ExchangeRecorder(store)
+    recorder.start()
+    try:
+        parent = exchange()
+        recorder.submit(parent)
+        recorder.submit(exchange(route="shadow", parent_id=parent["id"]))
+
+        await recorder.flush()
+
+        assert count(store, Exchange) == 2
+    finally:
+        await recorder.stop()
+
+
+async def test_stopping_the_recorder_loses_nothing_queued(store: Store) -> None:
+    recorder = ExchangeRecorder(store)
+    recorder.start()
+    for _ in range(500):
+        recorder.submit(exchange())
+
+    await recorder.stop()
+
+    assert count(store, Exchange) == 500
