@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from serving.engine import EngineClient, EngineUnavailableError, adapter_fingerprint
+from serving.engine import (
+    EngineClient,
+    EngineUnavailableError,
+    InvalidAdapterError,
+    adapter_fingerprint,
+)
 from serving.routing import RoutingTable
 from serving.store import AdapterRecord, Store
 
@@ -23,7 +28,11 @@ class AdapterInUseError(ValueError):
 
 
 class AdapterSet:
-    """Registered adapters, their load state on the engine, and the routing table in force."""
+    """Registered adapters, their load state on the engine, and the routing table in force.
+
+    One lock orders every change (load, unload, routing, reconcile): a reconcile reads the
+    store and then overwrites its view of it, and a change landing in between would be undone.
+    """
 
     def __init__(self, store: Store, engine: EngineClient, base_adapter: str) -> None:
         self.store, self.engine, self.base_adapter = store, engine, base_adapter
@@ -46,7 +55,13 @@ class AdapterSet:
         async with self._lock:
             # Register first: a name already bound to other weights is refused before vLLM sees it.
             await asyncio.to_thread(self.store.register_adapter, name, path, fingerprint)
-            await self.engine.load_adapter(name, path)
+            try:
+                await self.engine.load_adapter(name, path)
+            except InvalidAdapterError:
+                # Refused by vLLM: left marked loaded, every reconcile would retry it forever.
+                if name not in self._registered:
+                    await asyncio.to_thread(self.store.set_adapter_loaded, name, False)
+                raise
             await asyncio.to_thread(
                 self.store.record_event, "adapter.loaded", reason, name, path=path
             )
@@ -54,37 +69,48 @@ class AdapterSet:
             return self._registered[name]
 
     async def unload(self, name: str, reason: str) -> None:
-        if name == self.base_adapter or name in self.routing.adapters():
-            raise AdapterInUseError(f"adapter {name!r} is in the routing table; route it out first")
         async with self._lock:
+            if name == self.base_adapter or name in self.routing.adapters():
+                raise AdapterInUseError(
+                    f"adapter {name!r} is in the routing table; route it out first"
+                )
             await self.engine.unload_adapter(name)
             await asyncio.to_thread(self.store.set_adapter_loaded, name, False)
             await asyncio.to_thread(self.store.record_event, "adapter.unloaded", reason, name)
             self._registered.pop(name, None)
 
     async def set_routing(self, table: RoutingTable, reason: str) -> None:
-        missing = sorted(table.adapters() - self._registered.keys())
-        if missing:
-            raise KeyError(f"not registered: {', '.join(missing)}")
-        await asyncio.to_thread(self.store.set_routing_table, table, reason)
-        self.routing = table
+        async with self._lock:
+            missing = sorted(table.adapters() - self._registered.keys())
+            if missing:
+                raise KeyError(f"not registered: {', '.join(missing)}")
+            await asyncio.to_thread(self.store.set_routing_table, table, reason)
+            self.routing = table
 
     async def reconcile(self) -> None:
         """Load every registered adapter the engine lacks; pick up routing written elsewhere."""
-        records = await asyncio.to_thread(self.store.adapters)
-        self._registered = {r.name: r for r in records if r.loaded}
-        table = await asyncio.to_thread(self.store.routing_table)
-        if table is not None:
-            self.routing = table
+        async with self._lock:
+            records = await asyncio.to_thread(self.store.adapters)
+            self._registered = {r.name: r for r in records if r.loaded}
+            table = await asyncio.to_thread(self.store.routing_table)
+            if table is not None:
+                self.routing = table
+            try:
+                served = set(await self.engine.model_ids())
+                for record in self._registered.values():
+                    if record.name not in served:
+                        await self._reload(record)
+            except EngineUnavailableError:
+                return
+
+    async def _reload(self, record: AdapterRecord) -> None:
+        """One adapter gone bad (its files deleted, say) must not keep the others off the engine."""
         try:
-            served = set(await self.engine.model_ids())
-        except EngineUnavailableError:
+            await self.engine.load_adapter(record.name, record.path)
+        except InvalidAdapterError as exc:
+            log.error("adapter could not be reloaded: %s", exc, extra={"adapter": record.name})
             return
-        for record in self._registered.values():
-            if record.name not in served:
-                async with self._lock:
-                    await self.engine.load_adapter(record.name, record.path)
-                log.info("adapter reloaded on the engine", extra={"adapter": record.name})
+        log.info("adapter reloaded on the engine", extra={"adapter": record.name})
 
     async def ready(self) -> bool:
         """The engine answers and serves every registered adapter."""

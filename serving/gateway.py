@@ -402,12 +402,13 @@ class Gateway:
         ]
 
     async def reconcile_forever(self) -> None:
+        """A reconcile every interval; the first waits too (start-up has just reconciled)."""
         while True:
+            await asyncio.sleep(self.config.reconcile_interval_s)
             try:
                 await self.adapters.reconcile()
             except Exception:  # the loop must outlive any one bad tick
                 log.exception("adapter reconcile failed")
-            await asyncio.sleep(self.config.reconcile_interval_s)
 
 
 async def _json_body(request: Request, limit: int) -> Any:
@@ -490,14 +491,15 @@ def create_app(
         error = OpenAIError(500, "Internal error in the gateway.", type="server_error")
         return JSONResponse(error.body(), status_code=500)
 
-    def require_api_key(request: Request) -> None:
+    # async: no I/O here, and a sync dependency would cost a worker-thread hop per request.
+    async def require_api_key(request: Request) -> None:
         if config.api_keys and _bearer(request) not in config.api_keys:
             raise OpenAIError(
                 401, "Missing or invalid API key.", type="authentication_error",
                 code="invalid_api_key",
             )  # fmt: skip
 
-    def require_admin(request: Request) -> None:
+    async def require_admin(request: Request) -> None:
         token = _bearer(request)
         if token is None or not secrets.compare_digest(token, config.admin_token):
             raise OpenAIError(

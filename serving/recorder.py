@@ -1,7 +1,8 @@
 """Writes exchanges to the store off the request path, in batches.
 
 A request hands its exchange to `submit` (no I/O) and answers at once; one background
-task commits whatever has queued up in a single transaction, on a worker thread. Under
+task waits `linger_s` after the first arrival, then commits whatever has queued up in a
+single transaction, on a worker thread. Under
 load that turns hundreds of commits a second into a few, and a slow disk delays the
 record, never the client. `flush` waits until everything submitted so far is written;
 `stop` drains the queue, so a clean shutdown loses nothing.
@@ -20,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class ExchangeRecorder:
-    def __init__(self, store: Store, max_batch: int = 256) -> None:
-        self.store, self.max_batch = store, max_batch
+    def __init__(self, store: Store, max_batch: int = 256, linger_s: float = 0.02) -> None:
+        self.store, self.max_batch, self.linger_s = store, max_batch, linger_s
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -43,6 +44,8 @@ class ExchangeRecorder:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            # Wait a moment for company: one commit for many exchanges, not one each.
+            await asyncio.sleep(self.linger_s)
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:

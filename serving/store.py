@@ -204,8 +204,8 @@ class Store:
 
     def record_exchanges(self, exchanges: list[dict[str, Any]]) -> None:
         """Insert in the given order (a shadow comes after its parent) in one transaction."""
-        with self.session() as session:
-            session.execute(insert(Exchange), exchanges)
+        with self.engine.begin() as connection:  # Core insert: half the ORM's cost per row
+            connection.execute(insert(Exchange.__table__), exchanges)
 
     def get_exchange(self, exchange_id: str) -> Exchange | None:
         with self.session() as session:
