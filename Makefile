@@ -21,10 +21,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-# Servers the integration tests start themselves: PostgreSQL 15 (Debian).
+# Servers the integration tests start themselves: PostgreSQL 15 and Prometheus (with promtool),
+# from Debian.
 system-deps:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
-		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql)
+	@(ls /usr/lib/postgresql/*/bin/initdb && command -v prometheus && command -v promtool) \
+		>/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y postgresql prometheus)
 
 up: install
 	$(BIN)/tunewatch model prepare

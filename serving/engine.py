@@ -1,4 +1,4 @@
-"""The vLLM engine: its child process (start, health, restart with backoff, stop) and its HTTP client.
+"""The vLLM engine: how to launch its OpenAI server, and the HTTP client that talks to it.
 
 One engine hosts every adapter (primary, canary, shadow, and the identity adapter that
 stands for the base model). The gateway reaches it only through `EngineClient`, whose
@@ -7,23 +7,16 @@ transport a test can swap for `httpx.MockTransport`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-from serving import metrics
 
 log = logging.getLogger(__name__)
 
@@ -181,94 +174,3 @@ class EngineLaunch:
                 VLLM_CPU_OMP_THREADS_BIND=self.cpu_threads,
             )
         return env
-
-
-class EngineProcess:
-    """Runs vLLM as a child process and brings it back with backoff when it dies."""
-
-    def __init__(
-        self,
-        launch: EngineLaunch,
-        client: EngineClient,
-        log_file: Path,
-        on_restart: Callable[[str], Awaitable[None]] | None = None,
-        startup_timeout_s: float = 600.0,
-    ) -> None:
-        self.launch, self.client, self.log_file = launch, client, log_file
-        self.on_restart = on_restart
-        self.startup_timeout_s = startup_timeout_s
-        self._process: subprocess.Popen[bytes] | None = None
-        self._stopping = False
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def spawn(self) -> None:
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as sink:
-            self._process = subprocess.Popen(
-                self.launch.command(),
-                env=self.launch.environment(),
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its workers die with it, not with our terminal
-            )
-        log.info("engine started", extra={"pid": self._process.pid, "log": str(self.log_file)})
-
-    async def wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise EngineUnavailableError(
-                    f"engine exited with code {self._process.returncode} during start-up; "
-                    f"see {self.log_file}"
-                )
-            if await self.client.healthy():
-                metrics.ENGINE_UP.set(1)
-                return
-            await asyncio.sleep(1.0)
-        raise EngineUnavailableError(
-            f"engine not healthy after {self.startup_timeout_s:.0f} s; see {self.log_file}"
-        )
-
-    async def start(self) -> None:
-        self._stopping = False
-        self.spawn()
-        await self.wait_healthy()
-
-    async def supervise(self, max_backoff_s: float = 60.0) -> None:
-        """Restart the engine whenever it dies, waiting 1, 2, 4 ... s between failed tries."""
-        backoff = 1.0
-        while not self._stopping:
-            assert self._process is not None
-            code = await asyncio.to_thread(self._process.wait)
-            if self._stopping:
-                return
-            metrics.ENGINE_UP.set(0)
-            metrics.ENGINE_RESTARTS.inc()
-            reason = f"engine exited with code {code}; restarting in {backoff:.0f} s"
-            log.warning(reason)
-            await asyncio.sleep(backoff)
-            try:
-                await self.start()
-            except EngineUnavailableError as exc:
-                log.error("engine restart failed: %s", exc)
-                backoff = min(backoff * 2, max_backoff_s)
-                continue
-            backoff = 1.0
-            if self.on_restart is not None:
-                await self.on_restart(reason)
-
-    async def stop(self, grace_s: float = 20.0) -> None:
-        self._stopping = True
-        metrics.ENGINE_UP.set(0)
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            await asyncio.to_thread(process.wait)

@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -31,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving import metrics
 from serving.adapters import AdapterInUseError, AdapterSet
 from serving.engine import EngineClient, EngineUnavailableError, InvalidAdapterError
+from serving.exchange import ExchangeDraft
 from serving.protocol import (
     AdapterInfo,
     AdapterLoadRequest,
@@ -43,7 +41,7 @@ from serving.protocol import (
 )
 from serving.recorder import ExchangeRecorder
 from serving.routing import Decision, RoutingTable, decide
-from serving.store import AdapterNameTakenError, Store, UnknownExchangeError, new_id
+from serving.store import AdapterNameTakenError, Store, UnknownExchangeError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ EXCHANGE_HEADER = "x-tunewatch-exchange-id"
 ADAPTER_HEADER = "x-tunewatch-adapter"
 ROUTE_HEADER = "x-tunewatch-route"
 USER_HEADER = "x-tunewatch-user"
-BASE_LABEL = "base"  # the adapter label of the base model (served through the identity adapter)
 
 
 @dataclass
@@ -62,81 +59,6 @@ class GatewayConfig:
     max_body_bytes: int = 1 << 20
     reconcile_interval_s: float = 5.0
     retry_after_s: int = 5
-
-
-@dataclass
-class _Call:
-    """One inference call on its way through: where it goes and what it has produced."""
-
-    exchange_id: str
-    endpoint: str
-    request: InferenceRequest
-    decision: Decision
-    adapter_label: str
-    started: float = field(default_factory=time.perf_counter)
-    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    parent_id: str | None = None
-    text: list[str] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    first_token_at: float | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-    @property
-    def route(self) -> str:
-        return "shadow" if self.parent_id else self.decision.route
-
-    def absorb(self, choice: dict[str, Any], streaming: bool) -> None:
-        """Take text, token logprobs and finish reason from one choice (or stream delta)."""
-        if streaming:
-            piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-        else:
-            piece = (choice.get("message") or {}).get("content") or choice.get("text") or ""
-        if piece and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.text.append(piece)
-        self.logprobs.extend(_token_logprobs(choice.get("logprobs")))
-        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-
-    def absorb_usage(self, usage: dict[str, Any] | None) -> None:
-        if usage:
-            self.prompt_tokens = usage.get("prompt_tokens")
-            self.completion_tokens = usage.get("completion_tokens")
-
-    def record(self, http_status: int, error: str | None = None) -> dict[str, Any]:
-        finite = [lp for lp in self.logprobs if math.isfinite(lp)]
-        latency = time.perf_counter() - self.started
-        return dict(
-            id=self.exchange_id,
-            created_at=self.created_at,
-            route=self.route,
-            adapter=self.adapter_label,
-            parent_id=self.parent_id,
-            endpoint=self.endpoint,
-            user=self.request.user,
-            prompt=self.request.prompt_text(),
-            request=self.request.model_dump(mode="json", exclude_unset=True),
-            response="".join(self.text) if error is None else None,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            ttft_seconds=None if self.first_token_at is None else self.first_token_at - self.started,
-            latency_seconds=latency,
-            mean_logprob=sum(finite) / len(finite) if finite else None,
-            finish_reason=self.finish_reason,
-            status="ok" if error is None else "error",
-            http_status=http_status,
-            error=error,
-        )
-
-
-def _token_logprobs(logprobs: dict[str, Any] | None) -> list[float]:
-    """Sampled-token logprobs from either API's shape (chat: content[].logprob; completions: token_logprobs)."""
-    if not logprobs:
-        return []
-    if "content" in logprobs:
-        return [t["logprob"] for t in logprobs["content"] or [] if t.get("logprob") is not None]
-    return [lp for lp in logprobs.get("token_logprobs") or [] if lp is not None]
 
 
 class Gateway:
@@ -174,47 +96,37 @@ class Gateway:
     # the inference path
 
     async def infer(
-        self, endpoint: str, path: str, request: InferenceRequest, header_user: str | None
+        self, endpoint: str, request: InferenceRequest, header_user: str | None
     ) -> Response:
         decision = self.route(request, header_user)
-        call = _Call(
-            exchange_id=new_id(),
+        call = ExchangeDraft(
             endpoint=endpoint,
             request=request,
-            decision=decision,
-            adapter_label=decision.adapter or BASE_LABEL,
+            route=decision.route,
+            adapter=decision.adapter,
+            mirror_to=decision.mirror_to,
+            user=request.user or header_user,
         )
         headers = {
             EXCHANGE_HEADER: call.exchange_id,
             ADAPTER_HEADER: call.adapter_label,
             ROUTE_HEADER: call.route,
         }
-        body = self._upstream_body(request, decision.adapter)
+        body = call.upstream_body(self.adapters.resolve(call.adapter))
         in_flight = metrics.REQUESTS_IN_FLIGHT.labels(call.route, call.adapter_label)
         if request.stream:
-            return await self._stream(call, path, body, headers)
+            return await self._stream(call, body, headers)
         in_flight.inc()
         try:
-            upstream = await self._post(call, path, body)
+            upstream = await self._post(call, body)
             if upstream.status_code != 200:
                 return self._upstream_error(call, upstream, headers)
             data = upstream.json()
-            for choice in data.get("choices", []):
-                call.absorb(choice, streaming=False)
-            call.absorb_usage(data.get("usage"))
+            call.absorb_response(data)
             self._finish(call, 200)
             return JSONResponse(self._for_client(request, data), headers=headers)
         finally:
             in_flight.dec()
-
-    def _upstream_body(self, request: InferenceRequest, adapter: str | None) -> dict[str, Any]:
-        """Always ask vLLM for token logprobs (the monitor needs them) and, when streaming, usage."""
-        overrides: dict[str, Any] = {"model": self.adapters.resolve(adapter)}
-        if not request.wants_logprobs():
-            overrides.update(request.with_logprobs())
-        if request.stream:
-            overrides["stream_options"] = {**(request.stream_options or {}), "include_usage": True}
-        return request.upstream_body(**overrides)
 
     def _for_client(self, request: InferenceRequest, chunk: dict[str, Any]) -> dict[str, Any]:
         """Echo the client's model name and strip what it did not ask for."""
@@ -224,24 +136,27 @@ class Gateway:
                 choice["logprobs"] = None
         return chunk
 
-    async def _post(self, call: _Call, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, call: ExchangeDraft, body: dict[str, Any]) -> httpx.Response:
         try:
-            return await self.engine.post(path, body)
+            return await self.engine.post(call.path, body)
         except EngineUnavailableError as exc:
             self._finish(call, 503, f"engine unavailable: {exc}")
-            raise self._unavailable() from exc
+            raise self._unavailable(call) from exc
 
-    def _unavailable(self) -> OpenAIError:
+    def _unavailable(self, call: ExchangeDraft | None = None) -> OpenAIError:
+        headers = {"Retry-After": str(self.config.retry_after_s)}
+        if call is not None:
+            headers[EXCHANGE_HEADER] = call.exchange_id  # the failure is recorded under it
         return OpenAIError(
             503,
             "The inference engine is unavailable (starting or restarting); retry shortly.",
             type="service_unavailable",
             code="engine_unavailable",
-            headers={"Retry-After": str(self.config.retry_after_s)},
+            headers=headers,
         )
 
     def _upstream_error(
-        self, call: _Call, upstream: httpx.Response, headers: dict[str, str]
+        self, call: ExchangeDraft, upstream: httpx.Response, headers: dict[str, str]
     ) -> JSONResponse:
         """vLLM's own 4xx/5xx, passed on in OpenAI's shape and recorded as failed."""
         try:
@@ -258,13 +173,13 @@ class Gateway:
         return JSONResponse(error.body(), status_code=upstream.status_code, headers=headers)
 
     async def _stream(
-        self, call: _Call, path: str, body: dict[str, Any], headers: dict[str, str]
+        self, call: ExchangeDraft, body: dict[str, Any], headers: dict[str, str]
     ) -> Response:
         try:
-            upstream = await self.engine.open_stream(path, body)
+            upstream = await self.engine.open_stream(call.path, body)
         except EngineUnavailableError as exc:
             self._finish(call, 503, f"engine unavailable: {exc}")
-            raise self._unavailable() from exc
+            raise self._unavailable(call) from exc
         if upstream.status_code != 200:
             await upstream.aread()
             await upstream.aclose()
@@ -275,7 +190,7 @@ class Gateway:
             headers=headers,
         )
 
-    async def _relay(self, call: _Call, upstream: httpx.Response) -> AsyncIterator[bytes]:
+    async def _relay(self, call: ExchangeDraft, upstream: httpx.Response) -> AsyncIterator[bytes]:
         """Pass SSE events through one by one, learning from each; a broken engine ends cleanly."""
         request = call.request
         wants_usage = bool((request.stream_options or {}).get("include_usage"))
@@ -286,7 +201,10 @@ class Gateway:
             async for line in upstream.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[6:])
+                try:
+                    chunk = json.loads(line[6:])
+                except json.JSONDecodeError:
+                    chunk = {"error": {"message": "the engine sent a malformed event"}}
                 if "error" in chunk:
                     status, error = 500, json.dumps(chunk["error"])
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
@@ -315,7 +233,7 @@ class Gateway:
             self._finish(call, status, error)
         yield b"data: [DONE]\n\n"
 
-    def _finish(self, call: _Call, http_status: int, error: str | None = None) -> None:
+    def _finish(self, call: ExchangeDraft, http_status: int, error: str | None = None) -> None:
         """Record the exchange, update the metrics, and mirror it to the shadow if chosen."""
         exchange = call.record(http_status, error)
         self.recorder.submit(exchange)
@@ -328,33 +246,30 @@ class Gateway:
             metrics.OUTPUT_TOKENS.labels(*labels).inc(call.completion_tokens)
         if call.prompt_tokens:
             metrics.PROMPT_TOKENS.labels(*labels).inc(call.prompt_tokens)
-        if call.decision.mirror_to and error is None:
+        if call.mirror_to and error is None:
             self._spawn(self._shadow(call))
 
-    async def _shadow(self, parent: _Call) -> None:
+    async def _shadow(self, parent: ExchangeDraft) -> None:
         """Replay a finished primary request on the shadow adapter, after it, never in its way."""
         request = parent.request.model_copy(update={"stream": False, "stream_options": None})
-        shadow = _Call(
-            exchange_id=new_id(),
+        shadow = ExchangeDraft(
             endpoint=parent.endpoint,
             request=request,
-            decision=Decision("shadow", parent.decision.mirror_to, None),
-            adapter_label=parent.decision.mirror_to or BASE_LABEL,
+            route="shadow",
+            adapter=parent.mirror_to,
             parent_id=parent.exchange_id,
+            user=parent.user,
         )
-        path = "/v1/chat/completions" if parent.endpoint == "chat.completions" else "/v1/completions"
+        body = shadow.upstream_body(self.adapters.resolve(shadow.adapter))
         try:
-            upstream = await self.engine.post(path, self._upstream_body(request, shadow.decision.adapter))
+            upstream = await self.engine.post(shadow.path, body)
         except EngineUnavailableError as exc:
             self._finish(shadow, 503, f"engine unavailable: {exc!r}")
             return
         if upstream.status_code != 200:
             self._finish(shadow, upstream.status_code, upstream.text)
             return
-        data = upstream.json()
-        for choice in data.get("choices", []):
-            shadow.absorb(choice, streaming=False)
-        shadow.absorb_usage(data.get("usage"))
+        shadow.absorb_response(upstream.json())
         self._finish(shadow, 200)
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
@@ -513,16 +428,12 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=inference)
     async def chat_completions(request: Request) -> Response:
         body = _validate(ChatCompletionRequest, await _json_body(request, config.max_body_bytes))
-        return await gateway.infer(
-            "chat.completions", "/v1/chat/completions", body, request.headers.get(USER_HEADER)
-        )
+        return await gateway.infer("chat.completions", body, request.headers.get(USER_HEADER))
 
     @app.post("/v1/completions", dependencies=inference)
     async def completions(request: Request) -> Response:
         body = _validate(CompletionRequest, await _json_body(request, config.max_body_bytes))
-        return await gateway.infer(
-            "completions", "/v1/completions", body, request.headers.get(USER_HEADER)
-        )
+        return await gateway.infer("completions", body, request.headers.get(USER_HEADER))
 
     @app.get("/v1/models", dependencies=inference)
     async def models() -> dict[str, Any]:

@@ -47,11 +47,13 @@ STORE_WRITE_FAILURES = Counter(
     "tunewatch_store_write_failures_total",
     "Exchanges that could not be written to the store.",
 )
-ENGINE_UP = Gauge(
-    "tunewatch_engine_up",
-    "1 while the vLLM engine answers its health check, else 0.",
+PROCESS_UP = Gauge(
+    "tunewatch_process_up",
+    "1 while a supervised child process (engine, monitor) is up and healthy, else 0.",
+    ["process"],
 )
-ENGINE_RESTARTS = Counter(
-    "tunewatch_engine_restarts_total",
-    "Times the supervised vLLM engine process was restarted after dying.",
+PROCESS_RESTARTS = Counter(
+    "tunewatch_process_restarts_total",
+    "Times a supervised child process was restarted after dying.",
+    ["process"],
 )

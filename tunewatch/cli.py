@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from monitor.goldens import GoldenSetError
 from serving.model import ModelNotFoundError
+from serving.supervisor import ProcessStartError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
 
@@ -59,30 +64,66 @@ def model_prepare(config: ConfigOption = None) -> None:
     console.print(f"identity adapter: {identity}")
 
 
-@app.command()
-def up(config: ConfigOption = None) -> None:
-    """Start vLLM with the model and its adapters, and the gateway in front of it."""
-    settings = _settings(config)
-    _prepare(settings)
-    asyncio.run(stack.up(settings))
+async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Ctrl-C or SIGTERM cancels the work, so its `finally` blocks stop the child processes."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await main
 
 
-@app.command()
-def serve(
-    engine_url: Annotated[
-        str | None,
-        typer.Option(help="URL of a running vLLM OpenAI server.", show_default=False),
-    ] = None,
-    config: ConfigOption = None,
-) -> None:
-    """Start the gateway alone, in front of a vLLM server that is already running."""
-    settings = _settings(config)
-    url = engine_url or settings.engine.url
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        asyncio.run(_until_signalled(main))
+    except ProcessStartError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _engine_url(settings: Settings, given: str | None) -> str:
+    url = given or settings.engine.url
     if not url:
         console.print("[red]error:[/red] give --engine-url or set engine.url in the settings")
         raise typer.Exit(2)
     if not url.startswith(("http://", "https://")):
         console.print(f"[red]error:[/red] --engine-url {url!r} is not an http(s) URL")
         raise typer.Exit(2)
+    return url
+
+
+EngineUrlOption = Annotated[
+    str | None,
+    typer.Option(help="URL of a running vLLM OpenAI server.", show_default=False),
+]
+
+
+@app.command()
+def up(config: ConfigOption = None) -> None:
+    """Start vLLM with the model and its adapters, the gateway in front, and the monitor."""
+    settings = _settings(config)
     _prepare(settings)
-    asyncio.run(stack.serve(settings, url))
+    _run(stack.up(settings, config))
+
+
+@app.command()
+def serve(engine_url: EngineUrlOption = None, config: ConfigOption = None) -> None:
+    """Start the gateway alone, in front of a vLLM server that is already running."""
+    settings = _settings(config)
+    url = _engine_url(settings, engine_url)
+    _prepare(settings)
+    _run(stack.serve(settings, url))
+
+
+@app.command()
+def monitor(engine_url: EngineUrlOption = None, config: ConfigOption = None) -> None:
+    """Run the monitor sidecar: quality, calibration and drift of the traffic, on /metrics."""
+    settings = _settings(config)
+    url = _engine_url(settings, engine_url or f"http://127.0.0.1:{settings.engine.port}")
+    _prepare(settings)
+    try:
+        _run(stack.monitor(settings, url))
+    except GoldenSetError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None

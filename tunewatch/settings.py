@@ -56,6 +56,19 @@ class GatewaySettings(_Section):
     reconcile_interval_s: float = Field(default=5.0, gt=0)
 
 
+class MonitorSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8001, ge=1, le=65535, description="The sidecar's /metrics.")
+    window_size: int = Field(default=200, ge=10, description="Exchanges per current window.")
+    quality_interval_s: float = Field(default=30.0, gt=0)
+    golden_interval_s: float = Field(default=600.0, gt=0)
+    golden_set: Path | None = Field(
+        default=None, description="JSONL of {prompt, reference}; unset: the shipped demo set."
+    )
+    golden_enabled: bool = True
+    correct_rouge_l: float = Field(default=0.5, ge=0, le=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEWATCH_", env_nested_delimiter="__", extra="forbid"
@@ -69,6 +82,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
     @classmethod
     def settings_customise_sources(

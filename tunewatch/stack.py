@@ -7,21 +7,29 @@ child process; `serve` fronts a vLLM server someone else runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
+from prometheus_client import start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
+from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
+from monitor.sidecar import Monitor, MonitorConfig
 from serving.adapters import AdapterSet
-from serving.engine import EngineClient, EngineLaunch, EngineProcess, adapter_fingerprint
+from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig, create_app
 from serving.model import ensure_identity_adapter, prepare_model
 from serving.store import Store
+from serving.supervisor import SupervisedProcess
 from tunewatch.settings import Settings
 
 log = logging.getLogger("tunewatch")
@@ -34,7 +42,9 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
+    # One line per engine call or scheduled run is noise.
+    for chatty in ("httpx", "apscheduler"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def admin_token(settings: Settings) -> str:
@@ -61,7 +71,7 @@ def prepare(settings: Settings) -> tuple[Path, Path]:
 def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Gateway:
     store = Store(settings.store_url)
     engine = EngineClient(engine_url, request_timeout_s=settings.engine.request_timeout_s)
-    base_adapter = f"base-identity-{adapter_fingerprint(identity_dir)[:8]}"
+    base_adapter = identity_adapter_name(identity_dir)
     config = GatewayConfig(
         served_model_name=settings.engine.served_model_name,
         admin_token=admin_token(settings),
@@ -72,13 +82,26 @@ def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Ga
     return Gateway(config, store, engine, AdapterSet(store, engine, base_adapter))
 
 
-async def _serve_http(
-    settings: Settings, gateway: Gateway, identity_dir: Path,
-    hooks: list[Callable[[], Awaitable[Any]]],
-) -> None:  # fmt: skip
+async def _load_identity(gateway: Gateway, identity_dir: Path) -> None:
     base = gateway.adapters.base_adapter
     await gateway.adapters.load(base, str(identity_dir), reason="identity adapter of the base")
-    server = uvicorn.Server(
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured Ctrl-C after shutting down, which would cancel our own
+    clean-up (stopping vLLM and the monitor); here the loop's handlers ask it to exit instead."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        return contextlib.nullcontext()
+
+
+async def _serve_http(
+    settings: Settings, gateway: Gateway, hooks: list[Callable[[], Awaitable[Any]]]
+) -> None:
+    server = _Server(
         uvicorn.Config(
             create_app(gateway, lifespan_hooks=hooks),
             host=settings.gateway.host,
@@ -95,38 +118,75 @@ async def _serve_http(
     await server.serve()
 
 
-async def up(settings: Settings) -> None:
-    """Engine as a supervised child process, plus the gateway in front of it."""
+def identity_adapter_name(identity_dir: Path) -> str:
+    """The identity adapter's engine name, carrying its weights' hash: a name never changes weights."""
+    return f"base-identity-{adapter_fingerprint(identity_dir)[:8]}"
+
+
+def engine_launch(settings: Settings, model_dir: Path) -> EngineLaunch:
+    engine = settings.engine
+    return EngineLaunch(
+        model=str(model_dir),
+        served_model_name=engine.served_model_name,
+        port=engine.port,
+        cache_dir=settings.cache_dir,
+        device=engine.device,
+        max_loras=engine.max_loras,
+        max_lora_rank=engine.max_lora_rank,
+        max_model_len=engine.max_model_len,
+        cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
+        cpu_threads=engine.cpu_threads,
+        extra_args=engine.extra_args,
+    )
+
+
+async def _http_ok(url: str) -> bool:
+    async with httpx.AsyncClient(timeout=3.0) as client:
+        try:
+            return (await client.get(url)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+async def up(settings: Settings, config_file: Path | None) -> None:
+    """vLLM and the monitor as supervised child processes, the gateway in this one."""
     model_dir, identity_dir = await asyncio.to_thread(prepare, settings)
     engine_url = f"http://127.0.0.1:{settings.engine.port}"
     gateway = build_gateway(settings, engine_url, identity_dir)
 
-    async def on_restart(reason: str) -> None:
-        await asyncio.to_thread(gateway.store.record_event, "engine.restarted", reason)
-        await gateway.adapters.reconcile()
+    def recorder(kind: str, then: Callable[[], Awaitable[None]] | None = None):
+        async def on_restart(reason: str) -> None:
+            await asyncio.to_thread(gateway.store.record_event, kind, reason)
+            if then is not None:
+                await then()
 
-    launch = EngineLaunch(
-        model=str(model_dir),
-        served_model_name=settings.engine.served_model_name,
-        port=settings.engine.port,
-        cache_dir=settings.cache_dir,
-        device=settings.engine.device,
-        max_loras=settings.engine.max_loras,
-        max_lora_rank=settings.engine.max_lora_rank,
-        max_model_len=settings.engine.max_model_len,
-        cpu_kv_cache_gib=settings.engine.cpu_kv_cache_gib,
-        cpu_threads=settings.engine.cpu_threads,
-        extra_args=settings.engine.extra_args,
-    )
-    engine = EngineProcess(
-        launch, gateway.engine, settings.state_dir / "engine.log",
-        on_restart=on_restart, startup_timeout_s=settings.engine.startup_timeout_s,
+        return on_restart
+
+    launch = engine_launch(settings, model_dir)
+    engine = SupervisedProcess(
+        "engine", launch.command(), launch.environment(), settings.state_dir / "engine.log",
+        healthy=gateway.engine.healthy,
+        on_restart=recorder("engine.restarted", gateway.adapters.reconcile),
+        startup_timeout_s=settings.engine.startup_timeout_s,
+    )  # fmt: skip
+    tunewatch = str(Path(sys.executable).parent / "tunewatch")
+    config_args = ["--config", str(config_file)] if config_file else []
+    monitor_url = f"http://{settings.monitor.host}:{settings.monitor.port}/metrics"
+    monitor_process = SupervisedProcess(
+        "monitor", [tunewatch, "monitor", "--engine-url", engine_url, *config_args],
+        dict(os.environ), settings.state_dir / "monitor.log",
+        healthy=lambda: _http_ok(monitor_url),
+        on_restart=recorder("monitor.restarted"), startup_timeout_s=120,
     )  # fmt: skip
     log.info("starting vLLM (about a minute on CPU)", extra={"log": str(engine.log_file)})
-    await engine.start()
     try:
-        await _serve_http(settings, gateway, identity_dir, hooks=[engine.supervise])
+        await engine.start()
+        await _load_identity(gateway, identity_dir)
+        await monitor_process.start()
+        supervise = [engine.supervise, monitor_process.supervise]
+        await _serve_http(settings, gateway, hooks=supervise)
     finally:
+        await monitor_process.stop()
         await engine.stop()
 
 
@@ -134,4 +194,26 @@ async def serve(settings: Settings, engine_url: str) -> None:
     """The gateway alone, in front of a vLLM server that runs elsewhere."""
     _, identity_dir = await asyncio.to_thread(prepare, settings)
     gateway = build_gateway(settings, engine_url, identity_dir)
-    await _serve_http(settings, gateway, identity_dir, hooks=[])
+    await _load_identity(gateway, identity_dir)
+    await _serve_http(settings, gateway, hooks=[])
+
+
+async def monitor(settings: Settings, engine_url: str) -> None:
+    """The monitor sidecar: checks on a schedule, figures on its own /metrics."""
+    _, identity_dir = await asyncio.to_thread(prepare, settings)
+    options = settings.monitor
+    golden_set = options.golden_set or DEFAULT_GOLDEN_SET
+    config = MonitorConfig(
+        window_size=options.window_size,
+        quality_interval_s=options.quality_interval_s,
+        golden_interval_s=options.golden_interval_s,
+        golden_set=golden_set if options.golden_enabled else None,
+        correct_rouge_l=options.correct_rouge_l,
+    )
+    if config.golden_set is not None:
+        load_golden_set(config.golden_set)  # a broken file is refused at start, not at 3 a.m.
+    engine = EngineClient(engine_url, request_timeout_s=settings.engine.request_timeout_s)
+    sidecar = Monitor(Store(settings.store_url), config, engine, identity_adapter_name(identity_dir))
+    start_http_server(options.port, addr=options.host)
+    log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})
+    await sidecar.run(extra_jobs={})

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from serving.store import Store
@@ -39,7 +42,12 @@ def lora_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`tunewatch up` in a child process, on free ports, with its own state dir and SQLite store."""
     state_dir = tmp_path_factory.mktemp("state")
-    gateway_port, engine_port = free_port(), free_port()
+    gateway_port, engine_port, monitor_port = free_port(), free_port(), free_port()
+    golden_set = state_dir / "goldens.jsonl"  # small: its run competes with the tests for vLLM
+    golden_set.write_text(
+        '{"prompt": "What is the capital of France? One word.", "reference": "Paris"}\n'
+        '{"prompt": "What is the capital of Japan? One word.", "reference": "Tokyo"}\n'
+    )
     env = dict(
         os.environ,
         TUNEWATCH_STATE_DIR=str(state_dir),
@@ -47,6 +55,10 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         TUNEWATCH_GATEWAY__ADMIN_TOKEN=ADMIN_TOKEN,
         TUNEWATCH_GATEWAY__RECONCILE_INTERVAL_S="2",
         TUNEWATCH_ENGINE__PORT=str(engine_port),
+        TUNEWATCH_MONITOR__PORT=str(monitor_port),
+        TUNEWATCH_MONITOR__QUALITY_INTERVAL_S="5",
+        TUNEWATCH_MONITOR__GOLDEN_SET=str(golden_set),
+        TUNEWATCH_MONITOR__GOLDEN_INTERVAL_S="3600",
     )
     log_file = state_dir / "tunewatch.log"
     with log_file.open("wb") as sink:
@@ -56,6 +68,7 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         process=process,
         gateway_url=f"http://127.0.0.1:{gateway_port}",
         engine_url=f"http://127.0.0.1:{engine_port}",
+        monitor_url=f"http://127.0.0.1:{monitor_port}",
         store=Store(f"sqlite:///{state_dir / 'tunewatch.db'}"),
         log_file=log_file,
         state_dir=state_dir,
@@ -74,3 +87,41 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         except subprocess.TimeoutExpired:
             process.kill()
         result.store.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus(running_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus (Debian's package) scraping the gateway and the monitor every second."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: run `make system-deps` (Debian package)")
+    root = tmp_path_factory.mktemp("prometheus")
+    urls = (running_stack.gateway_url, running_stack.monitor_url)
+    targets = [url.removeprefix("http://") for url in urls]
+    (root / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: tunewatch\n    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
+    )
+    port = free_port()
+    log_file = root / "prometheus.log"
+    with log_file.open("wb") as sink:
+        process = subprocess.Popen(
+            [binary, f"--config.file={root / 'prometheus.yml'}",
+             f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=sink, stderr=sink,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(f"{url}/-/ready"), 60, "prometheus ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

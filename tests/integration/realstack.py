@@ -54,6 +54,7 @@ class Stack:
     process: subprocess.Popen[bytes]
     gateway_url: str
     engine_url: str
+    monitor_url: str
     store: Store
     log_file: Path
     state_dir: Path

@@ -299,12 +299,9 @@ def make_harness(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., H
         stack.callback(store.close)
         client = EngineClient(ENGINE_URL, transport=engine.transport())
         stack.callback(asyncio.run, client.aclose())
-        settings = GatewayConfig(
-            served_model_name=SERVED_MODEL_NAME,
-            admin_token=ADMIN_TOKEN,
-            reconcile_interval_s=3600.0,  # reconciles at start-up; then when a test calls it
-            **config,
-        )
+        # By default it reconciles at start-up, then only when a test calls it.
+        config = {"reconcile_interval_s": 3600.0, **config}
+        settings = GatewayConfig(SERVED_MODEL_NAME, ADMIN_TOKEN, **config)
         gateway = Gateway(settings, store, client, AdapterSet(store, client, BASE_ADAPTER))
         # As `tunewatch serve` does: the identity adapter stands for the base model, loaded first.
         identity = write_adapter(tmp_path / "identity", b"zero B matrices")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -240,6 +241,12 @@ def test_a_streamed_exchange_is_recorded_with_text_usage_logprobs_and_first_toke
     assert 0 < exchange.ttft_seconds <= exchange.latency_seconds
 
 
+def test_a_whole_answer_records_no_time_to_first_token(gw) -> None:
+    """Without a stream the gateway cannot see the first token; a guess would skew the histogram."""
+    exchange = gw.exchange(gw.chat().headers[EXCHANGE_HEADER])
+    assert exchange.ttft_seconds is None
+
+
 def test_the_answer_headers_name_the_route_and_adapter(gw) -> None:
     response = gw.chat()
     assert response.headers["x-tunewatch-route"] == "primary"
@@ -329,6 +336,15 @@ def test_the_user_header_keeps_a_user_on_their_side_when_the_body_names_none(gw)
             headers={"x-tunewatch-user": outside},
         )
         assert response.headers["x-tunewatch-route"] == "primary"
+
+
+def test_the_user_from_the_header_is_recorded_with_the_exchange(gw) -> None:
+    response = gw.client.post(
+        "/v1/chat/completions",
+        json={"model": gw.served_model_name, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-tunewatch-user": "carol"},
+    )
+    assert gw.exchange(response.headers[EXCHANGE_HEADER]).user == "carol"
 
 
 def test_an_adapter_s_own_name_pins_the_request_to_it(gw) -> None:
@@ -488,6 +504,12 @@ def test_a_down_engine_is_503_with_retry_after(gw) -> None:
     response = gw.chat()
     assert_openai_error(response, 503, "engine_unavailable")
     assert int(response.headers["retry-after"]) > 0
+
+
+def test_a_503_names_the_exchange_it_was_recorded_under(gw) -> None:
+    gw.engine.down = True
+    response = gw.chat()
+    assert gw.exchange(response.headers[EXCHANGE_HEADER]).http_status == 503
 
 
 def test_a_down_engine_is_503_for_a_stream_too(gw) -> None:
@@ -706,6 +728,16 @@ def test_a_restarted_engine_gets_its_adapters_back_at_the_next_reconcile(gw) -> 
     gw.load_adapter("v1")
     gw.engine.loaded.clear()  # the engine restarted and lost them
     gw.run(gw.gateway.adapters.reconcile)
+    assert gw.engine.loaded == {gw.base_adapter, "v1"}
+
+
+def test_the_gateway_reconciles_on_its_own_every_interval(make_harness) -> None:
+    gw = make_harness(reconcile_interval_s=0.05)
+    gw.load_adapter("v1")
+    gw.engine.loaded.clear()
+    deadline = time.monotonic() + 5.0
+    while "v1" not in gw.engine.loaded and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert gw.engine.loaded == {gw.base_adapter, "v1"}
 
 

@@ -1,0 +1,132 @@
+"""The monitor's Prometheus metrics, declared once, and the functions that publish results into them.
+
+A value that cannot be computed (too few exchanges, no references, a script ROUGE cannot
+read) is not exported as 0 or NaN: its series is removed, so a dashboard shows a gap and
+`absent()` alerts can fire, while `tunewatch_monitor_check_ok` says which check is stale.
+Labels stay bounded: `adapter` names registered adapters (or `base`), `column` and
+`method` come from the drift detector's fixed list, `variant` from ROUGE's three types.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Info
+
+from monitor.calibration import Calibration
+from monitor.quality import Quality
+from monitor.signals import Signals
+
+QUALITY_BLEU = Gauge("tunewatch_quality_bleu", "Corpus BLEU (sacrebleu, 0-100) of the labelled window.", ["adapter"])  # noqa: E501
+QUALITY_CHRF = Gauge("tunewatch_quality_chrf", "Corpus chrF (sacrebleu, 0-100) of the labelled window.", ["adapter"])  # noqa: E501
+QUALITY_ROUGE = Gauge(
+    "tunewatch_quality_rouge", "Mean ROUGE F-measure (rouge-score, 0-1).", ["adapter", "variant"]
+)
+QUALITY_EXACT_MATCH = Gauge(
+    "tunewatch_quality_exact_match_ratio", "Share of answers equal to their reference.", ["adapter"]
+)
+QUALITY_SIGNATURE = Info(
+    "tunewatch_quality_signature", "sacrebleu signatures of the BLEU and chrF figures."
+)
+CALIBRATION_ECE = Gauge(
+    "tunewatch_calibration_ece", "Expected calibration error of answer confidence.", ["adapter"]
+)
+CALIBRATION_BRIER = Gauge(
+    "tunewatch_calibration_brier", "Brier score of answer confidence vs correctness.", ["adapter"]
+)
+RESPONSE_MEAN_LOGPROB = Gauge(
+    "tunewatch_response_mean_logprob", "Mean token logprob of answers in the window.", ["adapter"]
+)
+RESPONSE_LENGTH_TOKENS = Gauge(
+    "tunewatch_response_length_tokens", "Mean answer length in the window.", ["adapter"]
+)
+RESPONSE_EMPTY = Gauge(
+    "tunewatch_response_empty_ratio", "Share of empty answers in the window.", ["adapter"]
+)
+RESPONSE_REFUSAL = Gauge(
+    "tunewatch_response_refusal_ratio", "Share of refusals in the window.", ["adapter"]
+)
+ERROR_RATIO = Gauge("tunewatch_error_ratio", "Share of failed exchanges in the window.", ["adapter"])
+WINDOW_LATENCY = Gauge(
+    "tunewatch_window_latency_seconds", "Latency quantiles of the window.", ["adapter", "quantile"]
+)
+WINDOW_EXCHANGES = Gauge(
+    "tunewatch_window_exchanges", "Exchanges in each window the monitor judged.", ["adapter", "window"]
+)
+DRIFT_SCORE = Gauge(
+    "tunewatch_drift_score", "Drift score of one column (its method's own scale).",
+    ["adapter", "column", "method"],
+)  # fmt: skip
+DRIFT_THRESHOLD = Gauge(
+    "tunewatch_drift_threshold", "Threshold the column's drift score is judged against.",
+    ["adapter", "column", "method"],
+)  # fmt: skip
+DRIFT_DETECTED = Gauge(
+    "tunewatch_drift_detected", "1 if the column drifted in the last check, else 0.", ["adapter", "column"]
+)
+DRIFT_SHARE = Gauge(
+    "tunewatch_drift_share_ratio", "Share of columns that drifted in the last check.", ["adapter"]
+)
+DRIFT_DATASET = Gauge(
+    "tunewatch_drift_dataset_detected", "1 if the dataset drift verdict is positive.", ["adapter"]
+)
+CHECK_OK = Gauge(
+    "tunewatch_monitor_check_ok", "1 if the check produced fresh figures, 0 if they are stale.",
+    ["adapter", "check"],
+)  # fmt: skip
+LAST_SUCCESS = Gauge(
+    "tunewatch_monitor_last_success_timestamp_seconds", "When the check last succeeded.", ["check"]
+)
+RUN_DURATION = Gauge(
+    "tunewatch_monitor_run_duration_seconds", "How long the check's last run took.", ["check"]
+)
+RUN_FAILURES = Counter(
+    "tunewatch_monitor_run_failures_total", "Checks that raised an error.", ["check"]
+)
+
+
+def _set(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
+    """Set the series, or remove it when there is no honest value."""
+    if value is None:
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass
+    else:
+        gauge.labels(*labels).set(value)
+
+
+def publish_quality(adapter: str, result: Quality) -> None:
+    _set(QUALITY_BLEU, (adapter,), result.bleu)
+    _set(QUALITY_CHRF, (adapter,), result.chrf)
+    for variant, value in result.rouge.items():
+        _set(QUALITY_ROUGE, (adapter, variant), value)
+    _set(QUALITY_EXACT_MATCH, (adapter,), result.exact_match_ratio)
+    if result.bleu_signature and result.chrf_signature:
+        QUALITY_SIGNATURE.info({"bleu": result.bleu_signature, "chrf": result.chrf_signature})
+    WINDOW_EXCHANGES.labels(adapter, "labelled").set(result.n)
+    CHECK_OK.labels(adapter, "quality").set(int(result.n > 0))
+
+
+def publish_calibration(adapter: str, result: Calibration) -> None:
+    _set(CALIBRATION_ECE, (adapter,), result.ece)
+    _set(CALIBRATION_BRIER, (adapter,), result.brier)
+    CHECK_OK.labels(adapter, "calibration").set(int(result.ece is not None))
+
+
+def publish_signals(adapter: str, result: Signals) -> None:
+    WINDOW_EXCHANGES.labels(adapter, "current").set(result.n)
+    _set(ERROR_RATIO, (adapter,), result.error_rate)
+    _set(RESPONSE_MEAN_LOGPROB, (adapter,), result.mean_logprob)
+    _set(RESPONSE_LENGTH_TOKENS, (adapter,), result.mean_response_tokens)
+    _set(RESPONSE_EMPTY, (adapter,), result.empty_rate)
+    _set(RESPONSE_REFUSAL, (adapter,), result.refusal_rate)
+    _set(WINDOW_LATENCY, (adapter, "0.5"), result.latency_p50_seconds)
+    _set(WINDOW_LATENCY, (adapter, "0.95"), result.latency_p95_seconds)
+    CHECK_OK.labels(adapter, "signals").set(int(result.answered > 0))
+
+
+def record_run(check: str, duration_s: float, finished_at: float, ok: bool) -> None:
+    RUN_DURATION.labels(check).set(duration_s)
+    if ok:
+        LAST_SUCCESS.labels(check).set(finished_at)
+    else:
+        RUN_FAILURES.labels(check).inc()

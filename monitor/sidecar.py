@@ -1,0 +1,129 @@
+"""The monitor sidecar: reads the recorded traffic on a schedule and exports what it finds.
+
+It runs in its own process (`tunewatch monitor`, started by `tunewatch up`), so a crash or
+a slow drift check never touches serving. Each check runs on a worker thread, one
+instance at a time; a check that fails is logged and counted, its figures go stale
+(`tunewatch_monitor_check_ok` = 0), and the next run tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from monitor import exporter
+from monitor.calibration import calibration
+from monitor.goldens import load_golden_set, run_golden_set
+from monitor.quality import quality
+from monitor.signals import signals
+from monitor.traffic import read_window
+from monitor.window import Window
+from serving.engine import EngineClient
+from serving.exchange import BASE_LABEL
+from serving.routing import RoutingTable
+from serving.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    window_size: int = 200
+    quality_interval_s: float = 30.0
+    golden_interval_s: float = 600.0
+    golden_set: Path | None = None  # None: no golden runs
+    golden_max_tokens: int = 32
+    correct_rouge_l: float = 0.5  # ROUGE-L F at or above which an answer counts as correct
+    calibration_bins: int = 10
+
+
+class Monitor:
+    """The checks, each one pass over every adapter; `run` schedules them."""
+
+    def __init__(
+        self, store: Store, config: MonitorConfig, engine: EngineClient, base_adapter: str
+    ) -> None:
+        self.store, self.config, self.engine = store, config, engine
+        self.base_adapter = base_adapter  # the identity adapter's engine name
+
+    def adapters(self) -> list[str]:
+        """Adapter labels to judge: the base model and every registered adapter (a bounded set)."""
+        registered = [a.name for a in self.store.adapters() if a.name != self.base_adapter]
+        return [BASE_LABEL, *registered]
+
+    def check_quality(self) -> None:
+        """Label-free signals, quality and calibration of each adapter's current window."""
+        for adapter in self.adapters():
+            live = read_window(self.store, adapter, self.config.window_size)
+            exporter.publish_signals(adapter, signals(live))
+            self._publish_labelled(adapter, live)
+
+    def _publish_labelled(self, adapter: str, live: Window) -> None:
+        golden = read_window(self.store, adapter, self.config.window_size, routes=("golden",))
+        labelled = Window(adapter, live.exchanges + golden.exchanges)
+        scores = quality(labelled)
+        exporter.publish_quality(adapter, scores)
+        exporter.publish_calibration(
+            adapter,
+            calibration(
+                labelled, threshold=self.config.correct_rouge_l,
+                bins=self.config.calibration_bins, pairs=scores.pairs,
+            ),
+        )  # fmt: skip
+
+    async def _check_quality_async(self) -> None:
+        await asyncio.to_thread(self.check_quality)
+
+    async def run_goldens(self) -> None:
+        if self.config.golden_set is None:
+            return
+        examples = load_golden_set(self.config.golden_set)
+        table = self.store.routing_table() or RoutingTable()
+        targets = {table.primary: table.primary or self.base_adapter}
+        targets.update({a: a for a in (table.canary, table.shadow) if a is not None})
+        await run_golden_set(
+            self.engine, self.store, examples, targets, max_tokens=self.config.golden_max_tokens
+        )
+
+    async def run(self, extra_jobs: dict[str, tuple[Callable[[], Awaitable[None]], float]]) -> None:
+        """Schedule every check until cancelled. `extra_jobs`: name -> (coroutine fn, interval)."""
+        scheduler = AsyncIOScheduler()
+        jobs: dict[str, tuple[Callable[[], Awaitable[None]], float]] = {
+            "quality": (self._check_quality_async, self.config.quality_interval_s),
+            "golden": (self.run_goldens, self.config.golden_interval_s),
+            **extra_jobs,
+        }
+        for name, (job, interval) in jobs.items():
+            scheduler.add_job(
+                _timed(name, job), "interval", seconds=interval, id=name, name=name,
+                next_run_time=datetime.now(UTC), max_instances=1, coalesce=True,
+                misfire_grace_time=int(interval),
+            )  # fmt: skip
+        scheduler.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            scheduler.shutdown(wait=False)
+
+
+def _timed(check: str, job: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """Run a check, time it, and keep the sidecar alive whatever it raises."""
+
+    async def wrapper() -> None:
+        started = time.perf_counter()
+        try:
+            await job()
+        except Exception:
+            log.exception("monitor check failed", extra={"check": check})
+            exporter.record_run(check, time.perf_counter() - started, time.time(), ok=False)
+            return
+        exporter.record_run(check, time.perf_counter() - started, time.time(), ok=True)
+
+    return wrapper
