@@ -45,8 +45,12 @@ RESPONSE_REFUSAL = Gauge(
     "tunewatch_response_refusal_ratio", "Share of refusals in the window.", ["adapter"]
 )
 ERROR_RATIO = Gauge("tunewatch_error_ratio", "Share of failed exchanges in the window.", ["adapter"])
-WINDOW_LATENCY = Gauge(
-    "tunewatch_window_latency_seconds", "Latency quantiles of the window.", ["adapter", "quantile"]
+# Two gauges, not a `quantile` label: that label belongs to summaries (promtool says so).
+WINDOW_LATENCY_P50 = Gauge(
+    "tunewatch_window_latency_p50_seconds", "Median latency of the window.", ["adapter"]
+)
+WINDOW_LATENCY_P95 = Gauge(
+    "tunewatch_window_latency_p95_seconds", "95th-percentile latency of the window.", ["adapter"]
 )
 WINDOW_EXCHANGES = Gauge(
     "tunewatch_window_exchanges", "Exchanges in each window the monitor judged.", ["adapter", "window"]
@@ -119,8 +123,8 @@ def publish_signals(adapter: str, result: Signals) -> None:
     _set(RESPONSE_LENGTH_TOKENS, (adapter,), result.mean_response_tokens)
     _set(RESPONSE_EMPTY, (adapter,), result.empty_rate)
     _set(RESPONSE_REFUSAL, (adapter,), result.refusal_rate)
-    _set(WINDOW_LATENCY, (adapter, "0.5"), result.latency_p50_seconds)
-    _set(WINDOW_LATENCY, (adapter, "0.95"), result.latency_p95_seconds)
+    _set(WINDOW_LATENCY_P50, (adapter,), result.latency_p50_seconds)
+    _set(WINDOW_LATENCY_P95, (adapter,), result.latency_p95_seconds)
     CHECK_OK.labels(adapter, "signals").set(int(result.answered > 0))
 
 

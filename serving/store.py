@@ -276,9 +276,14 @@ class Store:
                 Event(kind=kind, subject=subject, reason=reason, data=json.loads(json.dumps(data)))
             )
 
-    def events(self, kind: str | None = None, limit: int = 100) -> list[Event]:
+    def events(
+        self, kind: str | None = None, limit: int = 100, subject: str | None = None
+    ) -> list[Event]:
+        """The newest events first, optionally of one kind and about one subject."""
         with self.session() as session:
             query = select(Event).order_by(Event.id.desc()).limit(limit)
             if kind is not None:
                 query = query.where(Event.kind == kind)
+            if subject is not None:
+                query = query.where(Event.subject == subject)
             return list(session.scalars(query))

@@ -14,9 +14,11 @@ from rich.console import Console
 
 from monitor.goldens import GoldenSetError
 from serving.model import ModelNotFoundError
+from serving.store import Store
 from serving.supervisor import ProcessStartError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
+from tunewatch.status import status_table
 
 app = typer.Typer(
     help="Serve, watch and keep improving a fine-tuned LLM.",
@@ -127,3 +129,13 @@ def monitor(engine_url: EngineUrlOption = None, config: ConfigOption = None) -> 
     except GoldenSetError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+@app.command()
+def status(config: ConfigOption = None) -> None:
+    """Show each adapter's traffic, quality, calibration and last drift verdict."""
+    settings = _settings(config)
+    _, identity_dir = _prepare(settings)
+    store = Store(settings.store_url)
+    table = status_table(store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size)
+    Console().print(table)

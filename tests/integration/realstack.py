@@ -67,13 +67,16 @@ class Stack:
         )  # fmt: skip
 
     def engine_pid(self) -> int:
-        """The vLLM server: the child of `tunewatch up` that leads its own process group."""
+        """The vLLM server: the child of `tunewatch up` that runs vLLM's OpenAI entry point."""
         children = subprocess.run(
             ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
         ).stdout.split()
-        leaders = [int(pid) for pid in children if os.getpgid(int(pid)) == int(pid)]
-        assert len(leaders) == 1, f"expected one engine process, found {children}"
-        return leaders[0]
+        engines = [
+            int(pid) for pid in children
+            if b"vllm.entrypoints" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]  # fmt: skip
+        assert len(engines) == 1, f"expected one engine process among {children}"
+        return engines[0]
 
     def kill_engine(self) -> None:
         os.killpg(self.engine_pid(), signal.SIGKILL)

@@ -1,0 +1,152 @@
+"""The monitor's plumbing: traffic windows, golden sets, the exporter, one check pass."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor import exporter
+from monitor.goldens import GoldenExample, GoldenSetError, load_golden_set, run_golden_set
+from monitor.sidecar import Monitor, MonitorConfig
+from monitor.traffic import read_window
+from serving.engine import EngineClient
+from serving.store import Store
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'monitor.db'}")
+
+
+def exchange(n: int, adapter: str = "base", route: str = "primary", **fields) -> dict:
+    return dict(
+        id=f"x{n:04d}", created_at=T0 + timedelta(seconds=n), route=route, adapter=adapter,
+        parent_id=None, endpoint="chat.completions", user=None, prompt=f"prompt {n}",
+        request={}, response=f"answer {n}", prompt_tokens=5, completion_tokens=3,
+        ttft_seconds=None, latency_seconds=0.5, mean_logprob=-0.2, finish_reason="stop",
+        status="ok", http_status=200, error=None,
+    ) | fields  # fmt: skip
+
+
+def sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def test_a_window_is_the_newest_exchanges_of_one_adapter_oldest_first(store: Store) -> None:
+    store.record_exchanges([exchange(n) for n in range(10)] + [exchange(99, adapter="v1")])
+    window = read_window(store, "base", 4)
+    assert [e.id for e in window.exchanges] == ["x0006", "x0007", "x0008", "x0009"]
+
+
+def test_a_reference_window_is_the_oldest_exchanges(store: Store) -> None:
+    store.record_exchanges([exchange(n) for n in range(10)])
+    assert [e.id for e in read_window(store, "base", 3, newest=False).exchanges] == [
+        "x0000", "x0001", "x0002",
+    ]  # fmt: skip
+
+
+def test_golden_runs_stay_out_of_live_windows(store: Store) -> None:
+    store.record_exchanges([exchange(1), exchange(2, route="golden")])
+    assert [e.id for e in read_window(store, "base", 10).exchanges] == ["x0001"]
+    assert [e.id for e in read_window(store, "base", 10, routes=("golden",)).exchanges] == ["x0002"]
+
+
+def test_the_newest_reference_and_rating_are_attached_even_when_posted_apart(store: Store) -> None:
+    store.record_exchanges([exchange(1)])
+    store.add_feedback("x0001", "old reference", None)
+    store.add_feedback("x0001", "new reference", None)
+    store.add_feedback("x0001", None, 0.5)
+    [view] = read_window(store, "base", 10).exchanges
+    assert (view.reference, view.rating) == ("new reference", 0.5)
+
+
+def test_a_golden_set_line_that_is_not_json_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"prompt": "a", "reference": "b"}\n\n{broken\n')
+    with pytest.raises(GoldenSetError, match=r"g\.jsonl:3: not valid JSON"):
+        load_golden_set(path)
+
+
+def test_a_golden_set_line_without_a_reference_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"prompt": "a"}\n')
+    with pytest.raises(GoldenSetError, match=r"g\.jsonl:1: needs"):
+        load_golden_set(path)
+
+
+def test_the_shipped_golden_set_loads() -> None:
+    from monitor.goldens import DEFAULT_GOLDEN_SET
+
+    assert len(load_golden_set(DEFAULT_GOLDEN_SET)) >= 20
+
+
+def _engine_answering(text: str, fail_model: str | None = None) -> EngineClient:
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["model"] == fail_model:
+            return httpx.Response(404, json={"error": {"message": "no such model"}})
+        assert body["logprobs"] is True
+        return httpx.Response(200, json={
+            "choices": [{"message": {"role": "assistant", "content": text},
+                         "logprobs": {"content": [{"token": text, "logprob": -0.1}]},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1},
+        })  # fmt: skip
+
+    return EngineClient("http://engine", transport=httpx.MockTransport(handle))
+
+
+async def test_a_golden_run_records_answers_as_golden_exchanges_with_references(store: Store):
+    engine = _engine_answering("Paris")
+    examples = [GoldenExample("Capital of France?", "Paris")]
+    [run] = await run_golden_set(engine, store, examples, {None: "identity"})
+    assert (run.adapter, run.answered, run.failed) == ("base", 1, 0)
+    [view] = read_window(store, "base", 10, routes=("golden",)).exchanges
+    assert (view.response, view.reference, view.mean_logprob) == ("Paris", "Paris", -0.1)
+
+
+async def test_a_golden_run_against_a_missing_adapter_is_recorded_as_failed(store: Store):
+    engine = _engine_answering("Paris", fail_model="v9")
+    runs = await run_golden_set(engine, store, [GoldenExample("q", "a")], {"v9": "v9"})
+    assert (runs[0].answered, runs[0].failed) == (0, 1)
+    assert store.events(kind="golden.run")[0].reason.startswith("0 of 1")
+
+
+def test_a_value_that_cannot_be_computed_is_removed_not_zeroed() -> None:
+    exporter._set(exporter.QUALITY_BLEU, ("gone-v1",), 12.5)
+    assert sample("tunewatch_quality_bleu", adapter="gone-v1") == 12.5
+    exporter._set(exporter.QUALITY_BLEU, ("gone-v1",), None)
+    assert sample("tunewatch_quality_bleu", adapter="gone-v1") is None
+
+
+def test_one_check_pass_exports_signals_quality_and_calibration(store: Store) -> None:
+    store.register_adapter("tw-check-v1", "/adapters/v1", "f" * 64)
+    store.record_exchanges([exchange(n, adapter="tw-check-v1", response="Paris") for n in range(6)])
+    for n in range(3):
+        store.add_feedback(f"x{n:04d}", "Paris", None)
+    monitor = Monitor(store, MonitorConfig(), _engine_answering("-"), base_adapter="identity")
+    monitor.check_quality()
+    assert sample("tunewatch_window_exchanges", adapter="tw-check-v1", window="current") == 6
+    assert sample("tunewatch_quality_exact_match_ratio", adapter="tw-check-v1") == 1.0
+    assert sample("tunewatch_calibration_brier", adapter="tw-check-v1") is not None
+    assert sample("tunewatch_monitor_check_ok", adapter="base", check="quality") == 0
+
+
+def test_the_exposition_parses_and_names_follow_prometheus_conventions() -> None:
+    from prometheus_client import generate_latest
+
+    families = list(text_string_to_metric_families(generate_latest().decode()))
+    ours = [f for f in families if f.name.startswith("tunewatch_")]
+    assert ours
+    for family in ours:
+        assert ":" not in family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
