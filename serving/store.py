@@ -215,9 +215,7 @@ class Store:
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(Exchange)) or 0
 
-    def add_feedback(
-        self, exchange_id: str, reference: str | None, rating: float | None
-    ) -> int:
+    def add_feedback(self, exchange_id: str, reference: str | None, rating: float | None) -> int:
         with self.session() as session:
             if session.get(Exchange, exchange_id) is None:
                 raise UnknownExchangeError(exchange_id)
@@ -261,15 +259,11 @@ class Store:
     def set_routing_table(self, table: RoutingTable, reason: str) -> None:
         with self.session() as session:
             session.add(RoutingChange(table=table.as_dict(), reason=reason))
-            session.add(
-                Event(kind="routing.changed", reason=reason, data=table.as_dict())
-            )
+            session.add(Event(kind="routing.changed", reason=reason, data=table.as_dict()))
 
     # events
 
-    def record_event(
-        self, kind: str, reason: str, subject: str | None = None, **data: Any
-    ) -> None:
+    def record_event(self, kind: str, reason: str, subject: str | None = None, **data: Any) -> None:
         with self.session() as session:
             # JSON round trip: the audit trail never holds a value it cannot read back.
             session.add(

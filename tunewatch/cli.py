@@ -137,5 +137,7 @@ def status(config: ConfigOption = None) -> None:
     settings = _settings(config)
     _, identity_dir = _prepare(settings)
     store = Store(settings.store_url)
-    table = status_table(store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size)
+    table = status_table(
+        store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size
+    )
     Console().print(table)

@@ -119,7 +119,7 @@ async def _serve_http(
 
 
 def identity_adapter_name(identity_dir: Path) -> str:
-    """The identity adapter's engine name, carrying its weights' hash: a name never changes weights."""
+    """The identity adapter's engine name, with its weights' hash: a name never changes weights."""
     return f"base-identity-{adapter_fingerprint(identity_dir)[:8]}"
 
 
@@ -213,7 +213,9 @@ async def monitor(settings: Settings, engine_url: str) -> None:
     if config.golden_set is not None:
         load_golden_set(config.golden_set)  # a broken file is refused at start, not at 3 a.m.
     engine = EngineClient(engine_url, request_timeout_s=settings.engine.request_timeout_s)
-    sidecar = Monitor(Store(settings.store_url), config, engine, identity_adapter_name(identity_dir))
+    sidecar = Monitor(
+        Store(settings.store_url), config, engine, identity_adapter_name(identity_dir)
+    )
     start_http_server(options.port, addr=options.host)
     log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})
     await sidecar.run(extra_jobs={})

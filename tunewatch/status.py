@@ -20,7 +20,11 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 def status_table(store: Store, base_adapter: str, window_size: int) -> Table:
     routing = store.routing_table() or RoutingTable()
-    roles = {routing.canary: "canary", routing.shadow: "shadow", routing.primary or BASE_LABEL: "primary"}
+    roles = {
+        routing.canary: "canary",
+        routing.shadow: "shadow",
+        routing.primary or BASE_LABEL: "primary",
+    }
     table = Table(title=f"tunewatch: last {window_size} exchanges per adapter")
     for column in ("adapter", "role", "exchanges", "errors", "p50 s", "p95 s", "mean logprob",
                    "labelled", "chrF", "exact match", "ECE", "last drift verdict"):  # fmt: skip

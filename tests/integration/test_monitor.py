@@ -29,10 +29,13 @@ def sample(stack: Stack, name: str, **labels: str) -> float | None:
     return monitor_samples(stack).get((name, tuple(sorted(labels.items()))))
 
 
+def labelled(stack: Stack) -> float | None:
+    return sample(stack, "tunewatch_window_exchanges", adapter="base", window="labelled")
+
+
 def test_golden_runs_are_recorded_with_references_and_scored(running_stack: Stack):
     wait_until(
-        lambda: sample(running_stack, "tunewatch_window_exchanges", adapter="base", window="labelled")
-        == 2,
+        lambda: labelled(running_stack) == 2,
         timeout_s=240, what="the two golden answers judged",
     )  # fmt: skip
     chrf = sample(running_stack, "tunewatch_quality_chrf", adapter="base")
@@ -54,8 +57,7 @@ def test_feedback_on_live_traffic_is_judged_too(running_stack: Stack):
         json={"exchange_id": raw.headers["x-tunewatch-exchange-id"], "reference": answer},
     ).raise_for_status()
     wait_until(
-        lambda: sample(running_stack, "tunewatch_window_exchanges", adapter="base", window="labelled")
-        == 3,
+        lambda: labelled(running_stack) == 3,
         timeout_s=60, what="the labelled live exchange judged",
     )  # fmt: skip
     assert sample(running_stack, "tunewatch_response_mean_logprob", adapter="base") < 0
