@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from sklearn.metrics import brier_score_loss
 from monitor.calibration import calibrate, calibration, confidence
 from monitor.quality import quality
 from monitor.window import ExchangeView, Window
+from tests.unit.views import exchange_view
 
 
 def exchange(
@@ -22,18 +22,9 @@ def exchange(
     *,
     status: str = "ok",
 ) -> ExchangeView:
-    return ExchangeView(
-        id="x",
-        created_at=datetime(2026, 11, 1, tzinfo=UTC),
-        adapter="a",
-        route="primary",
-        prompt="q",
-        response=response,
-        completion_tokens=None,
-        mean_logprob=None if conf is None else math.log(conf),
-        latency_seconds=0.1,
-        status=status,
-        reference=reference,
+    mean_logprob = None if conf is None else math.log(conf)
+    return exchange_view(
+        response=response, reference=reference, mean_logprob=mean_logprob, status=status
     )
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
 from monitor.quality import ROUGE_TYPES, normalise, quality, rouge_unscorable
-from monitor.window import ExchangeView, Window
+from monitor.window import Window
+from tests.unit.views import exchange_view
 
 PAIRS = [  # (response, reference)
     ("The capital of France is Paris.", "Paris is the capital of France."),
@@ -24,19 +24,7 @@ PAIRS = [  # (response, reference)
 
 
 def exchange(response: str | None, reference: str | None, *, status: str = "ok", n: int = 0):
-    return ExchangeView(
-        id=f"x{n}",
-        created_at=datetime(2026, 11, 1, tzinfo=UTC),
-        adapter="a",
-        route="primary",
-        prompt="q",
-        response=response,
-        completion_tokens=None,
-        mean_logprob=None,
-        latency_seconds=0.1,
-        status=status,
-        reference=reference,
-    )
+    return exchange_view(id=f"x{n}", response=response, reference=reference, status=status)
 
 
 def window(pairs, **kwargs) -> Window:

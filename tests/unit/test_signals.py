@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
 import pytest
 
 from monitor.signals import is_refusal, signals
 from monitor.window import ExchangeView, Window
+from tests.unit.views import exchange_view
 
 
 def exchange(
@@ -19,12 +18,7 @@ def exchange(
     latency: float = 0.1,
     status: str = "ok",
 ) -> ExchangeView:
-    return ExchangeView(
-        id="x",
-        created_at=datetime(2026, 11, 1, tzinfo=UTC),
-        adapter="a",
-        route="primary",
-        prompt="q",
+    return exchange_view(
         response=response,
         completion_tokens=tokens,
         mean_logprob=logprob,
