@@ -29,6 +29,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -112,8 +113,28 @@ class Feedback(Base):
     rating: Mapped[float | None] = mapped_column(Float)
 
 
+class TrainingJob(Base):
+    """One retraining run: why it started, how far it got, what it produced or why it failed."""
+
+    __tablename__ = "training_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    # queued | running | succeeded | failed | cancelled
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    reason: Mapped[str] = mapped_column(Text)
+    parent_adapter: Mapped[str | None] = mapped_column(String(128))
+    adapter: Mapped[str | None] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class Adapter(Base):
-    """A LoRA adapter the engine may serve. A name always means the same weights."""
+    """A LoRA adapter the engine may serve, and its lineage. A name never changes weights."""
 
     __tablename__ = "adapters"
 
@@ -122,6 +143,13 @@ class Adapter(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     loaded: Mapped[bool] = mapped_column(default=True)
+    # registered (by hand) | candidate | shadow | canary | primary | retired | failed
+    status: Mapped[str] = mapped_column(String(16), default="registered")
+    parent: Mapped[str | None] = mapped_column(String(128))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id"))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the training window: lineage
 
 
 class RoutingChange(Base):
@@ -184,12 +212,39 @@ def create_db_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+class SchemaMismatchError(RuntimeError):
+    """The database was made by another version of tunewatch; the message says what differs."""
+
+
+def _check_schema(engine: Engine) -> None:
+    """Refuse, with names, a database whose tables lack columns this version needs.
+
+    `create_all` makes missing tables but never alters existing ones. There are no
+    migrations before the first release; until then an old database is refused here
+    rather than failing later, mid-request, on a missing column.
+    """
+    inspector = inspect(engine)
+    missing = [
+        f"{table.name}.{column.name}"
+        for table in Base.metadata.sorted_tables
+        for column in table.columns
+        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
+    ]
+    if missing:
+        raise SchemaMismatchError(
+            f"the database {engine.url.render_as_string(hide_password=True)} was made by an "
+            f"older tunewatch and lacks {', '.join(missing)}; point database_url at a new "
+            "database (schema migrations arrive with the first release)"
+        )
+
+
 class Store:
     """All reads and writes of the schema; one instance per process."""
 
     def __init__(self, url: str) -> None:
         self.engine = create_db_engine(url)
         Base.metadata.create_all(self.engine)
+        _check_schema(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -11,10 +11,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from monitor.goldens import GoldenSetError
+from retrain.registry import versions
 from serving.model import ModelNotFoundError
-from serving.store import Store
+from serving.store import SchemaMismatchError, Store
 from serving.supervisor import ProcessStartError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
@@ -36,6 +38,14 @@ ConfigOption = Annotated[
         "--config", "-c", envvar="TUNEWATCH_CONFIG", help="YAML settings file.", show_default=False
     ),
 ]
+
+
+def _store(settings: Settings) -> Store:
+    try:
+        return Store(settings.store_url)
+    except SchemaMismatchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 def _settings(config: Path | None) -> Settings:
@@ -79,7 +89,7 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 def _run(main: Coroutine[Any, Any, None]) -> None:
     try:
         asyncio.run(_until_signalled(main))
-    except ProcessStartError as exc:
+    except (ProcessStartError, SchemaMismatchError, GoldenSetError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
 
@@ -124,11 +134,7 @@ def monitor(engine_url: EngineUrlOption = None, config: ConfigOption = None) -> 
     settings = _settings(config)
     url = _engine_url(settings, engine_url or f"http://127.0.0.1:{settings.engine.port}")
     _prepare(settings)
-    try:
-        _run(stack.monitor(settings, url))
-    except GoldenSetError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    _run(stack.monitor(settings, url))
 
 
 @app.command()
@@ -136,8 +142,25 @@ def status(config: ConfigOption = None) -> None:
     """Show each adapter's traffic, quality, calibration and last drift verdict."""
     settings = _settings(config)
     _, identity_dir = _prepare(settings)
-    store = Store(settings.store_url)
+    store = _store(settings)
     table = status_table(
         store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size
     )
+    Console().print(table)
+
+
+@app.command()
+def adapters(config: ConfigOption = None) -> None:
+    """List every adapter version: status, parent, training job and metrics."""
+    settings = _settings(config)
+    table = Table(title="adapters")
+    for column in ("name", "status", "loaded", "parent", "job", "created", "metrics"):
+        table.add_column(column)
+    for version in versions(_store(settings)):
+        table.add_row(
+            version.name, version.status, "yes" if version.loaded else "no",
+            version.parent or "-", str(version.job_id or "-"),
+            version.created_at.strftime("%Y-%m-%d %H:%M"),
+            ", ".join(f"{k}={v:.3g}" for k, v in version.metrics.items()) or "-",
+        )  # fmt: skip
     Console().print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -17,6 +18,7 @@ from serving.store import (
     AdapterRecord,
     Exchange,
     Feedback,
+    SchemaMismatchError,
     Store,
     UnknownExchangeError,
     new_id,
@@ -325,3 +327,13 @@ async def test_stopping_the_recorder_loses_nothing_queued(store: Store) -> None:
     await recorder.stop()
 
     assert count(store, Exchange) == 500
+
+
+def test_a_database_from_an_older_schema_is_refused_with_the_missing_columns(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE adapters (name TEXT PRIMARY KEY, path TEXT)")
+    with pytest.raises(
+        SchemaMismatchError, match=r"lacks adapters\.fingerprint, .*adapters\.status"
+    ):
+        Store(f"sqlite:///{path}")
