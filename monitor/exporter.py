@@ -12,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Info
 
 from monitor.calibration import Calibration
+from monitor.drift import DriftResult
 from monitor.quality import Quality
 from monitor.signals import Signals
 
@@ -136,6 +137,19 @@ def publish_signals(adapter: str, result: Signals) -> None:
     _set(WINDOW_LATENCY_P50, (adapter,), result.latency_p50_seconds)
     _set(WINDOW_LATENCY_P95, (adapter,), result.latency_p95_seconds)
     CHECK_OK.labels(adapter, "signals").set(int(result.answered > 0))
+
+
+def publish_drift(adapter: str, result: DriftResult) -> None:
+    for column in result.columns:
+        labels = (adapter, str(column.column), column.method)
+        _set(DRIFT_SCORE, labels, column.score)
+        _set(DRIFT_THRESHOLD, labels, column.threshold if column.judged else None)
+        _set(DRIFT_DETECTED, (adapter, str(column.column)),
+             None if column.drifted is None else float(column.drifted))  # fmt: skip
+    _set(DRIFT_SHARE, (adapter,), result.drift_share)
+    _set(DRIFT_DATASET, (adapter,), None if result.drifted is None else float(result.drifted))
+    WINDOW_EXCHANGES.labels(adapter, "reference").set(result.reference_size)
+    CHECK_OK.labels(adapter, "drift").set(int(result.drifted is not None))
 
 
 def record_run(check: str, duration_s: float, finished_at: float, ok: bool) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from monitor import exporter
 from monitor.calibration import calibration
+from monitor.drift import DriftConfig, DriftDetector, DriftResult, EmbedFn
 from monitor.goldens import load_golden_set, run_golden_set
 from monitor.quality import quality
 from monitor.signals import signals
@@ -42,16 +43,27 @@ class MonitorConfig:
     golden_max_tokens: int = 32
     correct_rouge_l: float = 0.5  # ROUGE-L F at or above which an answer counts as correct
     calibration_bins: int = 10
+    drift_interval_s: float = 60.0
+    reference_size: int = 1000  # an adapter's first exchanges: its drift reference
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 class Monitor:
     """The checks, each one pass over every adapter; `run` schedules them."""
 
     def __init__(
-        self, store: Store, config: MonitorConfig, engine: EngineClient, base_adapter: str
+        self,
+        store: Store,
+        config: MonitorConfig,
+        engine: EngineClient,
+        base_adapter: str,
+        embed: EmbedFn,
     ) -> None:
         self.store, self.config, self.engine = store, config, engine
         self.base_adapter = base_adapter  # the identity adapter's engine name
+        self.embed = embed
+        self._detectors: dict[str, DriftDetector] = {}
+        self._verdicts: dict[str, bool | None] = {}
 
     def adapters(self) -> list[str]:
         """Adapter labels to judge: the base model and every registered adapter (a bounded set)."""
@@ -78,6 +90,47 @@ class Monitor:
             ),
         )  # fmt: skip
 
+    def check_drift(self) -> None:
+        """Each adapter's current window against its reference; a changed verdict is an event."""
+        for adapter in self.adapters():
+            result = self._detector(adapter).check(
+                read_window(self.store, adapter, self.config.window_size)
+            )
+            exporter.publish_drift(adapter, result)
+            self._record_verdict(adapter, result)
+
+    def _detector(self, adapter: str) -> DriftDetector:
+        """The adapter's detector, made again only while its reference window is still filling."""
+        detector = self._detectors.get(adapter)
+        if detector is None or len(detector.reference) < self.config.reference_size:
+            reference = read_window(self.store, adapter, self.config.reference_size, newest=False)
+            if detector is None or len(reference) != len(detector.reference):
+                detector = DriftDetector(reference, self.embed, self.config.drift)
+                self._detectors[adapter] = detector
+        return detector
+
+    def _record_verdict(self, adapter: str, result: DriftResult) -> None:
+        if adapter in self._verdicts and self._verdicts[adapter] == result.drifted:
+            return
+        self._verdicts[adapter] = result.drifted
+        if result.drifted is None:
+            reason = f"not judged: {result.reason}"
+        else:
+            drifted = ", ".join(result.drifted_columns) or "no column"
+            reason = (
+                f"{'drift' if result.drifted else 'no drift'}: {drifted} drifted "
+                f"(share {result.drift_share:.2f}; reference {result.reference_size}, "
+                f"current {result.current_size})"
+            )
+        self.store.record_event(
+            "drift.verdict", reason, adapter,
+            drifted=result.drifted, share=result.drift_share,
+            columns={str(c.column): c.score for c in result.columns},
+        )  # fmt: skip
+
+    async def _check_drift_async(self) -> None:
+        await asyncio.to_thread(self.check_drift)
+
     async def _check_quality_async(self) -> None:
         await asyncio.to_thread(self.check_quality)
 
@@ -92,13 +145,13 @@ class Monitor:
             self.engine, self.store, examples, targets, max_tokens=self.config.golden_max_tokens
         )
 
-    async def run(self, extra_jobs: dict[str, tuple[Callable[[], Awaitable[None]], float]]) -> None:
-        """Schedule every check until cancelled. `extra_jobs`: name -> (coroutine fn, interval)."""
+    async def run(self) -> None:
+        """Schedule every check until cancelled."""
         scheduler = AsyncIOScheduler()
         jobs: dict[str, tuple[Callable[[], Awaitable[None]], float]] = {
             "quality": (self._check_quality_async, self.config.quality_interval_s),
             "golden": (self.run_goldens, self.config.golden_interval_s),
-            **extra_jobs,
+            "drift": (self._check_drift_async, self.config.drift_interval_s),
         }
         for name, (job, interval) in jobs.items():
             scheduler.add_job(

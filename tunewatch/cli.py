@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +30,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="The model on disk.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+drift_app = typer.Typer(help="Drift detection.", no_args_is_help=True)
+app.add_typer(drift_app, name="drift")
 
 console = Console(stderr=True)
 
@@ -89,7 +92,7 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 def _run(main: Coroutine[Any, Any, None]) -> None:
     try:
         asyncio.run(_until_signalled(main))
-    except (ProcessStartError, SchemaMismatchError, GoldenSetError) as exc:
+    except (ProcessStartError, SchemaMismatchError, GoldenSetError, SettingsError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
 
@@ -134,7 +137,9 @@ def monitor(engine_url: EngineUrlOption = None, config: ConfigOption = None) -> 
     settings = _settings(config)
     url = _engine_url(settings, engine_url or f"http://127.0.0.1:{settings.engine.port}")
     _prepare(settings)
-    _run(stack.monitor(settings, url))
+    from tunewatch import monitoring  # Evidently and friends: only for the commands using them
+
+    _run(monitoring.monitor(settings, url))
 
 
 @app.command()
@@ -164,3 +169,62 @@ def adapters(config: ConfigOption = None) -> None:
             ", ".join(f"{k}={v:.3g}" for k, v in version.metrics.items()) or "-",
         )  # fmt: skip
     Console().print(table)
+
+
+@drift_app.command("calibrate")
+def drift_calibrate(
+    adapter: Annotated[str, typer.Option(help="Whose reference window to split.")] = "base",
+    target: Annotated[
+        float, typer.Option(help="False-alarm rate per check wanted for each column.")
+    ] = 0.01,
+    runs: Annotated[int, typer.Option(help="A/A splits (at least 1/target - 1).")] = 200,
+    config: ConfigOption = None,
+) -> None:
+    """Measure each drift column's false-alarm rate on A/A splits of the reference; propose
+    thresholds for the target rate."""
+    settings = _settings(config)
+    from monitor.drift import calibrate
+    from monitor.embeddings import PromptEmbedder
+    from monitor.traffic import read_window
+    from tunewatch import monitoring
+
+    options = settings.monitor
+    reference = read_window(_store(settings), adapter, options.reference_size, newest=False)
+    if len(reference) < 2 * options.window_size:
+        console.print(
+            f"[red]error:[/red] adapter {adapter!r} has {len(reference)} exchanges; calibration "
+            f"splits its reference into windows of {options.window_size} and needs at least "
+            f"{2 * options.window_size}"
+        )
+        raise typer.Exit(2)
+    try:
+        drift = monitoring.drift_config(settings)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    embedder = PromptEmbedder(threads=options.embedding_threads)
+    try:
+        with console.status(f"{runs} A/A splits of {len(reference)} exchanges..."):
+            result = calibrate(
+                reference, embedder.embed_exchanges, drift, current_size=options.window_size,
+                target_false_alarm=target, runs=runs,
+            )  # fmt: skip
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"A/A false alarms of {adapter!r}, {result.runs} splits")
+    for column in ("column", "method", "threshold", "false alarms", "proposed threshold"):
+        table.add_column(column)
+    for column in result.columns:
+        table.add_row(
+            str(column.column), column.method, f"{column.configured_threshold:.4g}",
+            f"{column.false_alarm_rate:.1%}", f"{column.proposed_threshold:.4g}",
+        )  # fmt: skip
+    Console().print(table)
+    console.print(
+        f"dataset verdict false alarms: {result.dataset_false_alarm_rate:.1%} now, "
+        f"{result.proposed_dataset_false_alarm_rate:.1%} with the proposed thresholds. "
+        "To use them, put in the settings:"
+    )
+    proposed = {str(c.column): float(f"{c.proposed_threshold:.6g}") for c in result.columns}
+    print(yaml.safe_dump({"monitor": {"drift_thresholds": proposed}}, sort_keys=False))

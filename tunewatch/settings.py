@@ -67,6 +67,15 @@ class MonitorSettings(_Section):
     )
     golden_enabled: bool = True
     correct_rouge_l: float = Field(default=0.5, ge=0, le=1)
+    drift_interval_s: float = Field(default=60.0, gt=0)
+    reference_size: int = Field(
+        default=1000, ge=10, description="An adapter's first N exchanges: its drift reference."
+    )
+    drift_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per drift column; `tunewatch drift calibrate` proposes them.",
+    )
+    embedding_threads: int = Field(default=1, ge=1)
 
 
 class Settings(BaseSettings):

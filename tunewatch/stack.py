@@ -19,11 +19,8 @@ from typing import Any
 
 import httpx
 import uvicorn
-from prometheus_client import start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
-from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
-from monitor.sidecar import Monitor, MonitorConfig
 from serving.adapters import AdapterSet
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig, create_app
@@ -196,26 +193,3 @@ async def serve(settings: Settings, engine_url: str) -> None:
     gateway = build_gateway(settings, engine_url, identity_dir)
     await _load_identity(gateway, identity_dir)
     await _serve_http(settings, gateway, hooks=[])
-
-
-async def monitor(settings: Settings, engine_url: str) -> None:
-    """The monitor sidecar: checks on a schedule, figures on its own /metrics."""
-    _, identity_dir = await asyncio.to_thread(prepare, settings)
-    options = settings.monitor
-    golden_set = options.golden_set or DEFAULT_GOLDEN_SET
-    config = MonitorConfig(
-        window_size=options.window_size,
-        quality_interval_s=options.quality_interval_s,
-        golden_interval_s=options.golden_interval_s,
-        golden_set=golden_set if options.golden_enabled else None,
-        correct_rouge_l=options.correct_rouge_l,
-    )
-    if config.golden_set is not None:
-        load_golden_set(config.golden_set)  # a broken file is refused at start, not at 3 a.m.
-    engine = EngineClient(engine_url, request_timeout_s=settings.engine.request_timeout_s)
-    sidecar = Monitor(
-        Store(settings.store_url), config, engine, identity_adapter_name(identity_dir)
-    )
-    start_http_server(options.port, addr=options.host)
-    log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})
-    await sidecar.run(extra_jobs={})

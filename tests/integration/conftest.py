@@ -59,6 +59,8 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         TUNEWATCH_MONITOR__QUALITY_INTERVAL_S="5",
         TUNEWATCH_MONITOR__GOLDEN_SET=str(golden_set),
         TUNEWATCH_MONITOR__GOLDEN_INTERVAL_S="3600",
+        TUNEWATCH_MONITOR__DRIFT_INTERVAL_S="5",
+        TUNEWATCH_MONITOR__REFERENCE_SIZE="250",
     )
     log_file = state_dir / "tunewatch.log"
     with log_file.open("wb") as sink:

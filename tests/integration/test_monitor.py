@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -74,14 +76,54 @@ def test_promtool_finds_both_metrics_endpoints_clean(running_stack: Stack):
         assert result.returncode == 0, f"{url}: {result.stdout}{result.stderr}"
 
 
-def test_prometheus_scrapes_the_sidecar_and_promql_answers(running_stack: Stack, prometheus: str):
-    def query(expression: str) -> list[dict]:
-        answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expression}).json()
-        return answer["data"]["result"]
+TOPICS = {
+    "taxes": ["How do I file my {} tax return?", "Which {} expenses are tax deductible?",
+              "When is the {} income tax deadline?", "How are {} capital gains taxed?"],
+    "gardening": ["How often should I water {} tomatoes?", "When do I prune {} roses?",
+                  "What soil suits {} lavender?", "How do I keep slugs off {} lettuce?"],
+}  # fmt: skip
 
+
+def seed_traffic(stack: Stack, topic: str, count: int, start: datetime) -> None:
+    """Recorded exchanges as the gateway writes them: the monitor reads them like any other."""
+    rows = []
+    for n in range(count):
+        prompt = TOPICS[topic][n % 4].format(["my", "our", "the", "a"][n // 4 % 4] + f" {n}")
+        rows.append(dict(
+            id=uuid.uuid4().hex, created_at=start + timedelta(seconds=n), route="primary",
+            adapter="base", parent_id=None, endpoint="chat.completions", user=None,
+            prompt=prompt, request={"model": SERVED_NAME}, response="Here is what to do.",
+            prompt_tokens=12, completion_tokens=5, ttft_seconds=None, latency_seconds=1.0,
+            mean_logprob=-0.8, finish_reason="stop", status="ok", http_status=200, error=None,
+        ))  # fmt: skip
+    stack.store.record_exchanges(rows)
+
+
+def test_a_topic_shift_is_a_drift_verdict_answered_by_promql(running_stack: Stack, prometheus):
+    now = datetime.now(UTC)
+    seed_traffic(running_stack, "taxes", 250, now - timedelta(days=1))  # the reference
+    seed_traffic(running_stack, "gardening", 200, now)  # the current window
+    wait_until(
+        lambda: bool(query(prometheus, 'tunewatch_drift_share_ratio{adapter="base"}')),
+        timeout_s=240, what="tunewatch_drift_share_ratio in Prometheus",
+    )  # fmt: skip
+    [embedding] = query(
+        prometheus, 'tunewatch_drift_detected{adapter="base", column="prompt_embedding"}'
+    )
+    assert embedding["value"][1] == "1"
+    verdicts = running_stack.store.events(kind="drift.verdict", subject="base")
+    assert verdicts[0].reason.startswith("drift: ") and "prompt_embedding" in verdicts[0].reason
+
+
+def query(prometheus: str, expression: str) -> list[dict]:
+    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expression}).json()
+    return answer["data"]["result"]
+
+
+def test_prometheus_scrapes_the_sidecar_and_promql_answers(running_stack: Stack, prometheus: str):
     for expression in (
         'tunewatch_quality_chrf{adapter="base"}',
         'tunewatch_response_mean_logprob{adapter="base"}',
         'sum by (adapter) (tunewatch_request_duration_seconds_count{route="primary"})',
     ):
-        wait_until(lambda e=expression: bool(query(e)), 30, f"PromQL {expression}")
+        wait_until(lambda e=expression: bool(query(prometheus, e)), 30, f"PromQL {expression}")

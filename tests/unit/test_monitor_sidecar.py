@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import exporter
+from monitor.drift import DriftConfig
 from monitor.goldens import GoldenExample, GoldenSetError, load_golden_set, run_golden_set
 from monitor.sidecar import Monitor, MonitorConfig
 from monitor.traffic import read_window
@@ -132,12 +134,58 @@ def test_one_check_pass_exports_signals_quality_and_calibration(store: Store) ->
     store.record_exchanges([exchange(n, adapter="tw-check-v1", response="Paris") for n in range(6)])
     for n in range(3):
         store.add_feedback(f"x{n:04d}", "Paris", None)
-    monitor = Monitor(store, MonitorConfig(), _engine_answering("-"), base_adapter="identity")
+    monitor = make_monitor(store, MonitorConfig())
     monitor.check_quality()
     assert sample("tunewatch_window_exchanges", adapter="tw-check-v1", window="current") == 6
     assert sample("tunewatch_quality_exact_match_ratio", adapter="tw-check-v1") == 1.0
     assert sample("tunewatch_calibration_brier", adapter="tw-check-v1") is not None
     assert sample("tunewatch_monitor_check_ok", adapter="base", check="quality") == 0
+
+
+def make_monitor(store: Store, config: MonitorConfig) -> Monitor:
+    return Monitor(store, config, _engine_answering("-"), base_adapter="identity", embed=embed)
+
+
+def embed(exchanges) -> np.ndarray:
+    """Prompts about one topic point one way, the rest another: a cheap stand-in for MiniLM."""
+    rng = np.random.default_rng(0)
+    vectors = np.array([[1.0, 0.0] if "weather" in e.prompt else [0.0, 1.0] for e in exchanges])
+    vectors = vectors + rng.normal(0, 0.05, vectors.shape)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def drift_monitor(store: Store) -> Monitor:
+    config = DriftConfig(min_reference=20, min_current=20, embedding_rows=200)
+    return make_monitor(store, MonitorConfig(window_size=40, reference_size=60, drift=config))
+
+
+def test_a_topic_shift_is_a_drift_verdict_recorded_once_with_its_reason(store: Store) -> None:
+    store.register_adapter("tw-drift-v1", "/adapters/v1", "d" * 64)
+    rows = [
+        exchange(n, adapter="tw-drift-v1", prompt=f"tell me about taxes {n}") for n in range(60)
+    ]
+    rows += [
+        exchange(100 + n, adapter="tw-drift-v1", prompt=f"what is the weather {n}")
+        for n in range(40)
+    ]
+    store.record_exchanges(rows)
+    monitor = drift_monitor(store)
+    monitor.check_drift()
+    monitor.check_drift()
+    assert sample("tunewatch_drift_detected", adapter="tw-drift-v1", column="prompt_embedding") == 1
+    assert sample("tunewatch_drift_dataset_detected", adapter="tw-drift-v1") == 1
+    [event] = store.events(kind="drift.verdict", subject="tw-drift-v1")
+    assert event.reason.startswith("drift: ") and "prompt_embedding" in event.reason
+
+
+def test_a_window_too_small_to_judge_is_stale_not_a_verdict(store: Store) -> None:
+    store.register_adapter("tw-small-v1", "/adapters/v1", "e" * 64)
+    store.record_exchanges([exchange(n, adapter="tw-small-v1") for n in range(10)])
+    drift_monitor(store).check_drift()
+    assert sample("tunewatch_drift_share_ratio", adapter="tw-small-v1") is None
+    assert sample("tunewatch_monitor_check_ok", adapter="tw-small-v1", check="drift") == 0
+    [event] = store.events(kind="drift.verdict", subject="tw-small-v1")
+    assert event.reason.startswith("not judged")
 
 
 def test_the_exposition_parses_and_names_follow_prometheus_conventions() -> None:

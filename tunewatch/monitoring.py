@@ -1,0 +1,64 @@
+"""Assembles the monitor sidecar from the settings (`tunewatch monitor`, `tunewatch drift`).
+
+Apart from tunewatch/stack.py so that the gateway's process never imports Evidently and
+the analysis libraries (about 10 s and several hundred MB): the CLI imports this module
+only for the commands that need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import start_http_server
+
+from monitor.drift import Column, DriftConfig
+from monitor.embeddings import PromptEmbedder
+from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
+from monitor.sidecar import Monitor, MonitorConfig
+from serving.engine import EngineClient
+from serving.store import Store
+from tunewatch.settings import Settings, SettingsError
+from tunewatch.stack import identity_adapter_name, prepare
+
+log = logging.getLogger("tunewatch")
+
+
+def drift_config(settings: Settings) -> DriftConfig:
+    """Evidently's methods as monitor/drift.py sets them, with any thresholds from calibration."""
+    known = {str(column) for column in Column}
+    unknown = sorted(set(settings.monitor.drift_thresholds) - known)
+    if unknown:
+        raise SettingsError(
+            f"monitor.drift_thresholds: unknown columns {unknown}; known are {sorted(known)}"
+        )
+    thresholds = {Column(name): value for name, value in settings.monitor.drift_thresholds.items()}
+    return DriftConfig(threads=settings.monitor.embedding_threads).with_thresholds(thresholds)
+
+
+async def monitor(settings: Settings, engine_url: str) -> None:
+    """The monitor sidecar: checks on a schedule, figures on its own /metrics."""
+    _, identity_dir = await asyncio.to_thread(prepare, settings)
+    options = settings.monitor
+    golden_set = options.golden_set or DEFAULT_GOLDEN_SET
+    config = MonitorConfig(
+        window_size=options.window_size,
+        quality_interval_s=options.quality_interval_s,
+        golden_interval_s=options.golden_interval_s,
+        golden_set=golden_set if options.golden_enabled else None,
+        correct_rouge_l=options.correct_rouge_l,
+        drift_interval_s=options.drift_interval_s,
+        reference_size=options.reference_size,
+        drift=drift_config(settings),
+    )
+    if config.golden_set is not None:
+        load_golden_set(config.golden_set)  # a broken file is refused at start, not at 3 a.m.
+    engine = EngineClient(engine_url, request_timeout_s=settings.engine.request_timeout_s)
+    embedder = PromptEmbedder(threads=options.embedding_threads)
+    sidecar = Monitor(
+        Store(settings.store_url), config, engine, identity_adapter_name(identity_dir),
+        embed=embedder.embed_exchanges,
+    )  # fmt: skip
+    start_http_server(options.port, addr=options.host)
+    log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})
+    await sidecar.run()
