@@ -37,4 +37,4 @@ test: install system-deps
 	$(BIN)/pytest -ra
 
 bench: install
-	$(BIN)/python bench/gateway.py
+	$(BIN)/python -m bench.gateway

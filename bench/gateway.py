@@ -21,7 +21,7 @@ overhead  The gateway in front of an instant fake engine against a bare FastAPI 
           request is printed too: on a machine shared with other work it is the steadier
           figure (throughput and latency there follow whoever else wants the cores).
 
-    .venv/bin/python bench/gateway.py [--engine-url URL] [--requests N] [--skip-real]
+    .venv/bin/python -m bench.gateway [--engine-url URL] [--requests N] [--skip-real]
 
 The real part needs a vLLM already running at --engine-url (this starts none); it loads
 the identity adapter there as `tunewatch serve` does, and unloads it afterwards if it

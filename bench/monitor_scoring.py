@@ -13,7 +13,7 @@ drifts favours neither. Wall time follows whoever else wants the cores; process 
 is the steadier figure on a shared machine. Target (issue 3): keep up with 200 exchanges/s
 of traffic on one core, i.e. score a window faster than it fills.
 
-    .venv/bin/python bench/monitor_scoring.py [--exchanges N] [--rounds R]
+    .venv/bin/python -m bench.monitor_scoring [--exchanges N] [--rounds R]
 """
 
 from __future__ import annotations

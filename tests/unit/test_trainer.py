@@ -1,0 +1,153 @@
+"""The trainer's parts that need no model: config checks, the spec, threads, the callbacks, the CLI.
+
+The real runs (training SmolLM2, NaN, torchrun) are in tests/integration/test_trainer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState
+
+from retrain.trainer import (
+    DEFAULT_TARGET_MODULES,
+    AbortOnNonFiniteLoss,
+    NonFiniteLossError,
+    ReportProgress,
+    TrainingConfig,
+    TrainingError,
+    TrainingProgress,
+    configure_threads,
+    load_spec,
+    main,
+    result_path,
+    save_spec,
+)
+
+
+def spec_json(tmp_path: Path, **overrides) -> Path:
+    spec = {
+        "model_dir": str(tmp_path / "model"),
+        "parent_adapter": None,
+        "train_file": str(tmp_path / "train.jsonl"),
+        "validation_file": str(tmp_path / "validation.jsonl"),
+        "output_dir": str(tmp_path / "adapters" / "support-v2"),
+        "config": {"rank": 4, "target_modules": ["q_proj", "v_proj"], "epochs": 2},
+        **overrides,
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def state(step: int = 3, *, rank_zero: bool = True) -> TrainerState:
+    return TrainerState(epoch=0.75, global_step=step, max_steps=8, is_world_process_zero=rank_zero)
+
+
+def test_the_defaults_make_an_adapter_vllm_serves_by_default():
+    config = TrainingConfig()
+    assert config.rank <= 16  # vLLM's default --max-lora-rank
+    assert (
+        config.target_modules == DEFAULT_TARGET_MODULES == ("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+
+
+def test_a_bad_config_names_every_broken_rule():
+    with pytest.raises(ValueError, match=r"rank >= 1.*learning_rate > 0 and finite"):
+        TrainingConfig(rank=0, learning_rate=math.nan)
+
+
+def test_a_spec_reads_from_json_with_its_nested_config(tmp_path: Path):
+    spec = load_spec(spec_json(tmp_path))
+    assert spec.output_dir == tmp_path / "adapters" / "support-v2"
+    assert spec.parent_adapter is None
+    assert spec.config == TrainingConfig(rank=4, target_modules=("q_proj", "v_proj"), epochs=2)
+
+
+def test_a_saved_spec_loads_back_equal(tmp_path: Path):
+    spec = load_spec(spec_json(tmp_path))
+    save_spec(spec, tmp_path / "again.json")
+    assert load_spec(tmp_path / "again.json") == spec
+
+
+def test_a_bad_config_in_a_spec_is_refused_with_the_rule(tmp_path: Path):
+    with pytest.raises(TrainingError, match=r"invalid spec .*config: .*need batch_size >= 1"):
+        load_spec(spec_json(tmp_path, config={"batch_size": 0}))
+
+
+def test_a_spec_without_a_field_is_refused_naming_it(tmp_path: Path):
+    path = spec_json(tmp_path)
+    spec = json.loads(path.read_text())
+    del spec["train_file"]
+    path.write_text(json.dumps(spec))
+    with pytest.raises(TrainingError, match=r"invalid spec .*train_file: Field required"):
+        load_spec(path)
+
+
+def test_threads_are_split_among_the_processes_within_the_cores_given(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    try:
+        assert configure_threads(8) == 1  # 2 cores given, 2 processes: 1 thread each
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert configure_threads(None) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("logs", [{"loss": math.nan}, {"loss": math.inf}, {"eval_loss": -math.inf}])
+def test_a_non_finite_loss_aborts_the_run_with_the_step(logs):
+    with pytest.raises(NonFiniteLossError, match=r"is (nan|inf|-inf) at step 3 \(epoch 0.75\)"):
+        AbortOnNonFiniteLoss().on_log(None, state(), TrainerControl(), logs=logs)
+
+
+def test_a_finite_loss_goes_on():
+    AbortOnNonFiniteLoss().on_log(None, state(), TrainerControl(), logs={"loss": 0.5})
+
+
+def test_progress_carries_the_last_training_loss_into_the_validation_update():
+    seen: list[TrainingProgress] = []
+    report = ReportProgress(seen.append)
+    report.on_log(None, state(3), TrainerControl(), logs={"loss": 0.9, "grad_norm": 1.0})
+    report.on_log(None, state(4), TrainerControl(), logs={"eval_loss": 0.7})
+    report.on_log(None, state(4), TrainerControl(), logs={"train_runtime": 12.0})
+    assert seen == [
+        TrainingProgress(epoch=0.75, step=3, total_steps=8, train_loss=0.9, val_loss=None),
+        TrainingProgress(epoch=0.75, step=4, total_steps=8, train_loss=0.9, val_loss=0.7),
+    ]
+
+
+def test_only_rank_zero_reports_progress():
+    seen: list[TrainingProgress] = []
+    ReportProgress(seen.append).on_log(
+        None, state(rank_zero=False), TrainerControl(), logs={"loss": 0.9}
+    )
+    assert seen == []
+
+
+def test_the_cli_fails_with_one_line_and_keeps_an_existing_adapters_record(tmp_path: Path, capsys):
+    spec = load_spec(spec_json(tmp_path))
+    spec.output_dir.mkdir(parents=True)
+    record = result_path(spec.output_dir)
+    record.write_text('{"status": "succeeded"}\n')
+    assert main(["--spec", str(tmp_path / "spec.json")]) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1
+    assert stderr.startswith("retrain.trainer: TrainingError: output directory ")
+    assert json.loads(record.read_text()) == {"status": "succeeded"}
+
+
+def test_the_cli_records_why_a_run_failed_next_to_the_output(tmp_path: Path, capsys):
+    spec = load_spec(spec_json(tmp_path))
+    spec.output_dir.mkdir(parents=True)
+    assert main(["--spec", str(tmp_path / "spec.json")]) == 1
+    failure = json.loads(result_path(spec.output_dir).read_text())
+    assert failure["status"] == "failed"
+    assert failure["reason"].startswith("TrainingError: output directory ")
+    assert "Traceback" in failure["traceback"]
