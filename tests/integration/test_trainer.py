@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -30,7 +31,7 @@ from monitor.goldens import DEFAULT_GOLDEN_SET, GoldenExample, load_golden_set
 from retrain.data import build_training_set, write_training_set
 from retrain.trainer import TrainingConfig, progress_path, result_path
 from serving.engine import adapter_fingerprint
-from tests.integration.realstack import make_lora_adapter
+from tests.integration.realstack import Stack, make_lora_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +157,30 @@ def test_the_output_is_a_peft_lora_adapter_vllm_loads(capitals_run: Run):
         names = list(weights.keys())
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     adapter_fingerprint(adapter)  # the check the gateway runs before asking vLLM to load it
+
+
+QUESTION = "What is the capital of Italy? Answer with the city name only."
+
+
+def test_the_trained_adapter_serves_on_the_real_vllm_in_its_learned_format(
+    capitals_run: Run, running_stack: Stack
+):
+    with running_stack.admin as admin:
+        loaded = admin.post(
+            "/admin/adapters", json={"name": "capitals-v1", "path": str(capitals_run.output_dir)}
+        )
+        assert loaded.status_code == 201, loaded.text
+        reply = httpx.post(
+            f"{running_stack.gateway_url}/v1/chat/completions",
+            json={
+                "model": "capitals-v1", "max_tokens": 12, "temperature": 0,
+                "messages": [{"role": "user", "content": QUESTION}],
+            },
+            timeout=120,
+        )  # fmt: skip
+        admin.delete("/admin/adapters/capitals-v1").raise_for_status()
+    answer = reply.json()["choices"][0]["message"]["content"].strip()
+    assert 0 < len(answer.split()) <= 3, answer  # a city's name, not a sentence
 
 
 def test_nothing_but_the_adapter_and_its_two_records_is_left_behind(capitals_run: Run):
