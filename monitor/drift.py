@@ -10,27 +10,37 @@ DESIGN.md, "Measured on this machine", and bench/monitor.py):
 - Evidently computes every number. Its drift methods are called as objects (the
   `StatTest` objects for columns, the embedding `DriftMethod` objects), not through a
   `Report`: a report of embedding drift always runs t-SNE for a chart (25-110 s), and
-  the numbers would have to be dug out of a snapshot. The descriptors are Evidently's
-  (`TextLength`, `NonLetterCharacterPercentage`, `Contains`) on an Evidently `Dataset`.
+  the numbers would have to be dug out of a snapshot. The text descriptors are
+  Evidently's (`TextLength`, `NonLetterCharacterPercentage`) on an Evidently `Dataset`;
+  an answer is empty or a refusal as monitor/signals.py says, so the drift columns and
+  the exported rates agree.
 - Every column names its method and threshold. Evidently's defaults change when the
   reference passes 1,000 rows (KS becomes Wasserstein, the text classifier's bootstrap
   goes), so a verdict would change meaning as the reference grows; ours never do.
 - Prompt embeddings: Evidently's default, a domain classifier, flags 0-7% of no-shift
   windows and catches a 25% topic mix a third of the time at window 200. tunewatch uses
-  Evidently's MMD method instead (maximum mean discrepancy with an RBF kernel, bandwidth
-  by the median heuristic) with a threshold calibrated on A/A splits of the reference:
-  a two-sample test of the whole distribution, so it sees prompts of a new topic and
-  also a shifted mix of known topics, which a per-prompt "distance to the nearest
-  reference prompts" misses (measured: a topic that lies near a reference topic). Its
-  score has no fixed scale, so its threshold only means something once calibrated:
-  `calibrate` measures it. Both windows are sampled down to `embedding_rows` for it,
-  since its kernel matrix grows with the square of the rows.
-- Tests with a p-value (KS, the two-proportion z test) hold their false-alarm rate by
-  construction; the text classifier's AUC and the MMD do not. The defaults give each
-  column about 0.1% false alarms per check on the bench's corpus, so the dataset
-  verdict (any drifted column) alarms on at most about 1% of no-shift checks.
+  Evidently's MMD method instead (maximum mean discrepancy, RBF kernel, bandwidth by the
+  median heuristic), a two-sample test of the whole distribution, with a threshold
+  calibrated on A/A splits of the reference. Evidently's own MMD threshold (0.015) sits
+  an order of magnitude above the A/A spread of all-MiniLM-L6-v2 prompts (~0.001),
+  which is why it fires only on a complete switch. Measured on the bench's corpus
+  (reference 800, window 200, thresholds at 1% A/A false alarms), three topics each
+  mixed in at 25%: MMD caught 98-100%
+  of windows; the default classifier 42-82% (at 2% false alarms of its own); each
+  prompt's mean cosine distance to its five nearest reference prompts, under KS, caught
+  95-100% of distant topics but 2% of a topic lying next to a reference one (e-mail
+  beside web), whose prompts are near old ones but in a new mix. MMD's score has no
+  fixed scale, so its threshold means something only once calibrated: `calibrate`
+  measures it. Both windows are sampled down to `embedding_rows` for it, since its
+  kernel matrix grows with the square of the rows.
+- A stated false-alarm rate: KS p-values hold theirs by construction (conservatively
+  where values tie, as for the 0/1 flags); Evidently's z test on rare flags runs hot,
+  and the classifier's AUC and the MMD have no fixed scale at all. The defaults give
+  each column about 0.1% false alarms per check on the bench's traffic, so the dataset
+  verdict (any drifted column) alarms on about 1% of no-shift checks at most.
   `calibrate` splits the reference many times (A/A) to measure each column's rate at
-  the configured thresholds, and proposes thresholds for a target rate.
+  the configured thresholds, and proposes thresholds for a target rate, with a
+  conformal bound.
 - Small windows make every test noisy: below `min_reference` / `min_current` rows a
   column is not judged, and the result says why; no verdict comes from a tiny window.
 - No out-of-vocabulary share: Evidently's OOV descriptor calls `nltk.download` for the
@@ -52,8 +62,12 @@ from types import MappingProxyType
 import numpy as np
 import pandas as pd
 from evidently import DataDefinition, Dataset
-from evidently.descriptors import Contains, NonLetterCharacterPercentage, TextLength
+from evidently.descriptors import NonLetterCharacterPercentage, TextLength
 from evidently.legacy.calculations.stattests import get_stattest
+from evidently.legacy.calculations.stattests.registry import (
+    StatTestInvalidFeatureTypeError,
+    get_registered_stattest,
+)
 from evidently.legacy.core import ColumnType
 from evidently.legacy.metrics.data_drift.embedding_drift_methods import (
     DriftMethod,
@@ -63,6 +77,7 @@ from evidently.legacy.metrics.data_drift.embedding_drift_methods import (
 from joblib import parallel_config
 from threadpoolctl import threadpool_limits
 
+from monitor.signals import is_refusal
 from monitor.window import ExchangeView, Window
 
 EmbedFn = Callable[[Sequence[ExchangeView]], np.ndarray]
@@ -82,11 +97,28 @@ class Column(StrEnum):
     RESPONSE_REFUSAL = "response_refusal"
 
 
-_COLUMN_TYPES = {
-    Column.PROMPT_TEXT: ColumnType.Text,
-    Column.RESPONSE_EMPTY: ColumnType.Categorical,
-    Column.RESPONSE_REFUSAL: ColumnType.Categorical,
-}  # every other column but the embedding is numerical
+_FLAGS = frozenset({Column.RESPONSE_EMPTY, Column.RESPONSE_REFUSAL})  # 0/1 per answer
+
+
+def _feature_type(column: Column, method: str) -> ColumnType:
+    """Evidently's column type for `column` under `method`; ValueError where it does not fit.
+
+    The prompt is text and the rest are numbers, except that a flag given to a test that
+    takes only categories (z, Fisher's) goes as a category.
+    """
+    if column is Column.PROMPT_TEXT:
+        kind = ColumnType.Text
+    elif column in _FLAGS:
+        try:
+            get_registered_stattest(method, ColumnType.Numerical)
+            kind = ColumnType.Numerical
+        except StatTestInvalidFeatureTypeError:
+            kind = ColumnType.Categorical
+    else:
+        kind = ColumnType.Numerical
+    get_registered_stattest(method, kind)  # Evidently's own message when it does not fit
+    return kind
+
 
 # Evidently's embedding drift methods, without their bootstrap so the threshold is theirs.
 EMBEDDING_METHODS: Mapping[str, type[DriftMethod]] = MappingProxyType(
@@ -97,13 +129,7 @@ EMBEDDING_METHODS: Mapping[str, type[DriftMethod]] = MappingProxyType(
 # Every other method scores a distance or an AUC: drift when the score rises over it.
 P_VALUE_METHODS = frozenset(
     {"ks", "mannw", "anderson", "cramer_von_mises", "t_test", "es", "z", "fisher_exact",
-     "chisquare", "g_test"}
-)  # fmt: skip
-
-# What an answer that refuses tends to say (matched anywhere, ignoring case).
-REFUSAL_MARKERS = (
-    "i'm sorry", "i am sorry", "i cannot", "i can't", "i can not", "i'm unable", "i am unable",
-    "i won't", "as an ai",
+     "chisquare", "g_test", "TVD", "empirical_mmd"}
 )  # fmt: skip
 
 
@@ -121,18 +147,23 @@ class ColumnTest:
 
 
 DEFAULT_TESTS: Mapping[Column, ColumnTest] = MappingProxyType({
-    # The AUC of Evidently's TF-IDF domain classifier; 0.5 is no difference. 0.61 is the
-    # 99.9th percentile of A/A splits at reference 1,000 / current 200 (bench corpus).
-    Column.PROMPT_TEXT: ColumnTest("abs_text_content_drift", 0.61),
+    # Thresholds without a fixed scale are the 99.9th percentile of 999 A/A splits of the
+    # bench's reference (bench/monitor.py) at reference 1,200 / current 200: the AUC of
+    # Evidently's TF-IDF domain classifier (0.5 is no difference; 0.575 measured), and
+    # the unbiased MMD² of all-MiniLM-L6-v2 prompt vectors (0.00124 measured). Calibrate
+    # for other window sizes or traffic.
+    Column.PROMPT_TEXT: ColumnTest("abs_text_content_drift", 0.58),
     Column.PROMPT_LENGTH: ColumnTest("ks", 0.001),
     Column.PROMPT_NON_LETTER: ColumnTest("ks", 0.001),
-    # MMD², unbiased; the 99.9th percentile of A/A splits at 1,000 / 200 for
-    # all-MiniLM-L6-v2 prompt vectors (bench corpus). Calibrate for other sizes or data.
-    Column.PROMPT_EMBEDDING: ColumnTest("mmd", 0.0016),
+    Column.PROMPT_EMBEDDING: ColumnTest("mmd", 0.0013),
     Column.RESPONSE_LENGTH: ColumnTest("ks", 0.001),
     Column.RESPONSE_MEAN_LOGPROB: ColumnTest("ks", 0.001),
-    Column.RESPONSE_EMPTY: ColumnTest("z", 0.001),
-    Column.RESPONSE_REFUSAL: ColumnTest("z", 0.001),
+    # Flags as 0/1 numbers under KS, which compares the two shares conservatively: it
+    # needs a jump of about 15 points at window 200. Evidently's z test runs hot on rare
+    # flags (a 1% empty rate: 0.7% of A/A splits alarmed at 0.001, and a no-shift bench
+    # stream alarmed at p = 5e-8); its Fisher test takes only windows of equal size.
+    Column.RESPONSE_EMPTY: ColumnTest("ks", 0.001),
+    Column.RESPONSE_REFUSAL: ColumnTest("ks", 0.001),
 })  # fmt: skip
 
 
@@ -147,7 +178,6 @@ class DriftConfig:
       drifted. With one, its false-alarm rate is at most the sum of the columns'.
     embedding_rows: at most this many rows of each window go into the embedding test
       (a seeded sample), which costs the square of its rows in time and memory.
-    refusal_markers: an answer holding any of these (ignoring case) counts as a refusal.
     threads: BLAS and OpenMP threads for the tests (the cores are shared, DESIGN.md).
     """
 
@@ -156,7 +186,6 @@ class DriftConfig:
     min_current: int = 100
     min_drifted_columns: int = 1
     embedding_rows: int = 2000
-    refusal_markers: tuple[str, ...] = REFUSAL_MARKERS
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -164,13 +193,18 @@ class DriftConfig:
         if unknown:
             raise ValueError(f"unknown drift columns {sorted(unknown)}: known are {list(Column)}")
         for column, test in self.tests.items():
-            is_embedding_method = test.method in EMBEDDING_METHODS
-            if (column is Column.PROMPT_EMBEDDING) != is_embedding_method:
+            if column is Column.PROMPT_EMBEDDING and test.method not in EMBEDDING_METHODS:
                 raise ValueError(
-                    f"{column}: method {test.method!r} does not apply; the prompt embedding "
-                    f"takes one of {sorted(EMBEDDING_METHODS)}, other columns Evidently's "
-                    "column tests"
+                    f"{column}: method {test.method!r} does not apply; it takes one of "
+                    f"{sorted(EMBEDDING_METHODS)}"
                 )
+            if column is not Column.PROMPT_EMBEDDING:
+                try:
+                    _feature_type(column, test.method)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{column}: method {test.method!r} does not apply: {exc}"
+                    ) from exc
         if min(self.min_reference, self.min_current, self.min_drifted_columns) < 1:
             raise ValueError("min_reference, min_current and min_drifted_columns must be >= 1")
 
@@ -277,12 +311,10 @@ class _WindowData:
         vectors = None if self.vectors is None else self.vectors[positions]
         return _WindowData(self.rows.iloc[positions], vectors)
 
-    def values(self, column: Column) -> pd.Series:
+    def values(self, column: Column, kind: ColumnType) -> pd.Series:
         """The column's values over the exchanges that have one."""
         series = self.rows[column.value].dropna()
-        if _COLUMN_TYPES.get(column) is ColumnType.Categorical:
-            return series.astype(bool)
-        return series
+        return series.astype(bool) if kind is ColumnType.Categorical else series
 
     def count(self, column: Column) -> int:
         if column is Column.PROMPT_EMBEDDING:
@@ -295,9 +327,10 @@ def _window_data(
 ) -> _WindowData:
     """Descriptors by Evidently, output columns only where an answer exists, and vectors."""
     answered = pd.Series([e.ok and e.response is not None for e in exchanges], dtype=bool)
+    responses = [(e.response or "") if e.ok else "" for e in exchanges]
     frame = pd.DataFrame({
         "prompt": [e.prompt or None for e in exchanges],  # Evidently divides by the length
-        "response": [e.response or None if e.ok else None for e in exchanges],
+        "response": responses,
     }, dtype=object)  # fmt: skip
     descriptors = Dataset.from_pandas(
         frame,
@@ -306,15 +339,11 @@ def _window_data(
             TextLength("prompt", alias=Column.PROMPT_LENGTH.value),
             NonLetterCharacterPercentage("prompt", alias=Column.PROMPT_NON_LETTER.value),
             TextLength("response", alias=Column.RESPONSE_LENGTH.value),
-            Contains(
-                "response",
-                items=list(config.refusal_markers),
-                case_sensitive=False,
-                alias=Column.RESPONSE_REFUSAL.value,
-            ),
         ],
     ).as_dataframe()
     logprobs = pd.Series([e.mean_logprob for e in exchanges], dtype=float)
+    empty = pd.Series([not r.strip() for r in responses], dtype=float)  # as signals.py
+    refusal = pd.Series([is_refusal(r) for r in responses], dtype=float)
     rows = pd.DataFrame({
         Column.PROMPT_TEXT.value: [e.prompt for e in exchanges],
         Column.PROMPT_LENGTH.value: descriptors[Column.PROMPT_LENGTH.value].astype(float),
@@ -323,10 +352,8 @@ def _window_data(
         .astype(float)
         .where(answered),
         Column.RESPONSE_MEAN_LOGPROB.value: logprobs.where(answered),
-        Column.RESPONSE_EMPTY.value: frame["response"].isna().astype(float).where(answered),
-        Column.RESPONSE_REFUSAL.value: descriptors[Column.RESPONSE_REFUSAL.value]
-        .astype(float)
-        .where(answered),
+        Column.RESPONSE_EMPTY.value: empty.where(answered),
+        Column.RESPONSE_REFUSAL.value: refusal.where(answered),
     })  # fmt: skip
     vectors = None
     if embed is not None and Column.PROMPT_EMBEDDING in config.tests:
@@ -360,10 +387,10 @@ def _score(
             pd.DataFrame(_sample(reference.vectors, config.embedding_rows)),
         )
         return float(score), bool(drifted)
-    column_type = _COLUMN_TYPES.get(column, ColumnType.Numerical)
-    ref, cur = reference.values(column), current.values(column)
-    stattest = get_stattest(ref, cur, column_type, test.method)
-    result = stattest(ref, cur, column_type, test.threshold)
+    kind = _feature_type(column, test.method)
+    ref, cur = reference.values(column, kind), current.values(column, kind)
+    stattest = get_stattest(ref, cur, kind, test.method)
+    result = stattest(ref, cur, kind, test.threshold)
     return float(result.drift_score), bool(result.drifted)
 
 
