@@ -26,6 +26,7 @@ from retrain.data import (
     render,
     write_training_set,
 )
+from tests.unit.views import exchange_view
 from tunewatch import stack
 from tunewatch.settings import load_settings
 
@@ -41,18 +42,12 @@ def tokenizer() -> PreTrainedTokenizerBase:
 def exchange(
     id: str, prompt: str, reference: str | None, *, minutes: int = 0, status: str = "ok"
 ) -> ExchangeView:
-    return ExchangeView(
+    return exchange_view(
         id=id,
         created_at=T0 + timedelta(minutes=minutes),
-        adapter="support-v1",
-        route="primary",
         prompt=prompt,
-        response="whatever it said",
-        completion_tokens=4,
-        mean_logprob=-0.5,
-        latency_seconds=0.2,
-        status=status,
         reference=reference,
+        status=status,
     )
 
 

@@ -6,7 +6,6 @@ in test_drift.py.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from monitor.embeddings import PromptEmbedder, available_cores
 from monitor.window import ExchangeView
+from tests.unit.views import exchange_view
 
 
 class CountingEncoder:
@@ -34,18 +34,7 @@ class CountingEncoder:
 
 
 def exchange(exchange_id: str, prompt: str) -> ExchangeView:
-    return ExchangeView(
-        id=exchange_id,
-        created_at=datetime(2026, 11, 1, tzinfo=UTC),
-        adapter="a",
-        route="primary",
-        prompt=prompt,
-        response="ok",
-        completion_tokens=1,
-        mean_logprob=-0.5,
-        latency_seconds=0.1,
-        status="ok",
-    )
+    return exchange_view(id=exchange_id, prompt=prompt)
 
 
 @pytest.fixture
