@@ -24,10 +24,9 @@ from monitor.drift import DriftConfig, DriftDetector, DriftResult, EmbedFn
 from monitor.goldens import load_golden_set, run_golden_set
 from monitor.quality import quality
 from monitor.signals import signals
-from monitor.traffic import read_window
+from monitor.traffic import adapter_labels, read_window, with_goldens
 from monitor.window import Window
 from serving.engine import EngineClient
-from serving.exchange import BASE_LABEL
 from serving.routing import RoutingTable
 from serving.store import Store
 
@@ -67,8 +66,7 @@ class Monitor:
 
     def adapters(self) -> list[str]:
         """Adapter labels to judge: the base model and every registered adapter (a bounded set)."""
-        registered = [a.name for a in self.store.adapters() if a.name != self.base_adapter]
-        return [BASE_LABEL, *registered]
+        return adapter_labels(self.store, self.base_adapter)
 
     def check_quality(self) -> None:
         """Label-free signals, quality and calibration of each adapter's current window."""
@@ -78,8 +76,7 @@ class Monitor:
             self._publish_labelled(adapter, live)
 
     def _publish_labelled(self, adapter: str, live: Window) -> None:
-        golden = read_window(self.store, adapter, self.config.window_size, routes=("golden",))
-        labelled = Window(adapter, live.exchanges + golden.exchanges)
+        labelled = with_goldens(self.store, live, self.config.window_size)
         scores = quality(labelled)
         exporter.publish_quality(adapter, scores)
         exporter.publish_calibration(

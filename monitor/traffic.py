@@ -7,6 +7,7 @@ from collections.abc import Collection
 from sqlalchemy import select
 
 from monitor.window import ExchangeView, Window
+from serving.exchange import BASE_LABEL
 from serving.store import Exchange, Feedback, Store
 
 # Live traffic: what users sent. Golden runs are judged apart; shadow replays are live
@@ -54,6 +55,18 @@ def read_window(
         for row in rows
     )
     return Window(adapter=adapter, exchanges=views)
+
+
+def adapter_labels(store: Store, base_adapter: str) -> list[str]:
+    """The adapters to judge, a bounded set: the base model and every registered adapter."""
+    registered = [a.name for a in store.adapters() if a.name != base_adapter]
+    return [BASE_LABEL, *registered]
+
+
+def with_goldens(store: Store, live: Window, size: int) -> Window:
+    """A live window plus the adapter's `size` latest golden runs: what quality is judged on."""
+    golden = read_window(store, live.adapter, size, routes=("golden",))
+    return Window(live.adapter, live.exchanges + golden.exchanges)
 
 
 def _newest_feedback(

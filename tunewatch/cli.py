@@ -149,8 +149,9 @@ def status(config: ConfigOption = None) -> None:
     _, identity_dir = _prepare(settings)
     store = _store(settings)
     table = status_table(
-        store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size
-    )
+        store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size,
+        settings.monitor.correct_rouge_l,
+    )  # fmt: skip
     Console().print(table)
 
 

@@ -7,8 +7,7 @@ from rich.table import Table
 from monitor.calibration import calibration
 from monitor.quality import quality
 from monitor.signals import signals
-from monitor.traffic import read_window
-from monitor.window import Window
+from monitor.traffic import adapter_labels, read_window, with_goldens
 from serving.exchange import BASE_LABEL
 from serving.routing import RoutingTable
 from serving.store import Store
@@ -18,7 +17,9 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def status_table(store: Store, base_adapter: str, window_size: int) -> Table:
+def status_table(
+    store: Store, base_adapter: str, window_size: int, correct_rouge_l: float
+) -> Table:
     routing = store.routing_table() or RoutingTable()
     roles = {
         routing.canary: "canary",
@@ -29,13 +30,11 @@ def status_table(store: Store, base_adapter: str, window_size: int) -> Table:
     for column in ("adapter", "role", "exchanges", "errors", "p50 s", "p95 s", "mean logprob",
                    "labelled", "chrF", "exact match", "ECE", "last drift verdict"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("adapter", "role") else "right")
-    labels = [BASE_LABEL] + [a.name for a in store.adapters() if a.name != base_adapter]
-    for adapter in labels:
+    for adapter in adapter_labels(store, base_adapter):
         live = read_window(store, adapter, window_size)
-        golden = read_window(store, adapter, window_size, routes=("golden",))
-        judged = Window(adapter, live.exchanges + golden.exchanges)
+        judged = with_goldens(store, live, window_size)
         traffic, scores = signals(live), quality(judged)
-        ece = calibration(judged, pairs=scores.pairs).ece
+        ece = calibration(judged, threshold=correct_rouge_l, pairs=scores.pairs).ece
         drift = store.events(kind="drift.verdict", limit=1, subject=adapter)
         table.add_row(
             adapter, roles.get(adapter, ""), str(traffic.n), _fmt(traffic.error_rate, ".1%"),
