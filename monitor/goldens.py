@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.engine import EngineClient, EngineUnavailableError
-from serving.exchange import ExchangeDraft
+from serving.engine import EngineClient
+from serving.exchange import ExchangeDraft, answer_whole
 from serving.protocol import ChatCompletionRequest
 from serving.store import Store
 
@@ -88,16 +88,7 @@ async def run_golden_set(
         )
         draft = ExchangeDraft("chat.completions", request, route="golden", adapter=adapter)
         async with gate:
-            try:
-                response = await engine.post(draft.path, draft.upstream_body(engine_model))
-            except EngineUnavailableError as exc:
-                record = draft.record(503, f"engine unavailable: {exc!r}")
-            else:
-                if response.status_code == 200:
-                    draft.absorb_response(response.json())
-                    record = draft.record(200)
-                else:
-                    record = draft.record(response.status_code, response.text)
+            record = draft.record(*await answer_whole(engine, draft, engine_model))
         await asyncio.to_thread(store.record_exchanges, [record])
         if record["status"] == "ok":
             await asyncio.to_thread(store.add_feedback, draft.exchange_id, example.reference, None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from serving.engine import EngineClient, EngineUnavailableError
 from serving.protocol import InferenceRequest
 from serving.store import new_id
 
@@ -117,3 +118,17 @@ def token_logprobs(logprobs: dict[str, Any] | None) -> list[float]:
     if "content" in logprobs:
         return [t["logprob"] for t in logprobs["content"] or [] if t.get("logprob") is not None]
     return [lp for lp in logprobs.get("token_logprobs") or [] if lp is not None]
+
+
+async def answer_whole(
+    engine: EngineClient, draft: ExchangeDraft, engine_model: str
+) -> tuple[int, str | None]:
+    """Ask the engine without streaming and learn from its answer: (HTTP status, error)."""
+    try:
+        response = await engine.post(draft.path, draft.upstream_body(engine_model))
+    except EngineUnavailableError as exc:
+        return 503, f"engine unavailable: {exc!r}"
+    if response.status_code != 200:
+        return response.status_code, response.text
+    draft.absorb_response(response.json())
+    return 200, None

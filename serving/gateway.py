@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving import metrics
 from serving.adapters import AdapterInUseError, AdapterSet
 from serving.engine import EngineClient, EngineUnavailableError, InvalidAdapterError
-from serving.exchange import ExchangeDraft
+from serving.exchange import ExchangeDraft, answer_whole
 from serving.protocol import (
     AdapterInfo,
     AdapterLoadRequest,
@@ -263,17 +263,8 @@ class Gateway:
             parent_id=parent.exchange_id,
             user=parent.user,
         )
-        body = shadow.upstream_body(self.adapters.resolve(shadow.adapter))
-        try:
-            upstream = await self.engine.post(shadow.path, body)
-        except EngineUnavailableError as exc:
-            self._finish(shadow, 503, f"engine unavailable: {exc!r}")
-            return
-        if upstream.status_code != 200:
-            self._finish(shadow, upstream.status_code, upstream.text)
-            return
-        shadow.absorb_response(upstream.json())
-        self._finish(shadow, 200)
+        engine_model = self.adapters.resolve(shadow.adapter)
+        self._finish(shadow, *await answer_whole(self.engine, shadow, engine_model))
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
