@@ -1,9 +1,10 @@
 """The monitor sidecar: reads the recorded traffic on a schedule and exports what it finds.
 
 It runs in its own process (`tunewatch monitor`, started by `tunewatch up`), so a crash or
-a slow drift check never touches serving. Each check runs on a worker thread, one
-instance at a time; a check that fails is logged and counted, its figures go stale
-(`tunewatch_monitor_check_ok` = 0), and the next run tries again.
+a slow drift check never touches serving. The daemon's scheduler (retrain/scheduler.py)
+runs each check on a worker thread, one instance at a time; a check that fails is logged
+and counted, its figures go stale (`tunewatch_monitor_check_ok` = 0), and the next run
+tries again.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from monitor import exporter
 from monitor.calibration import calibration
@@ -107,9 +105,8 @@ class Monitor:
         return detector
 
     def _record_verdict(self, adapter: str, result: DriftResult) -> None:
-        if adapter in self._verdicts and self._verdicts[adapter] == result.drifted:
-            return
-        self._verdicts[adapter] = result.drifted
+        """Every check goes to the store (the retrain trigger judges them one by one); a
+        change of verdict is also an event."""
         if result.drifted is None:
             reason = f"not judged: {result.reason}"
         else:
@@ -119,10 +116,14 @@ class Monitor:
                 f"(share {result.drift_share:.2f}; reference {result.reference_size}, "
                 f"current {result.current_size})"
             )
+        columns = {str(c.column): c.score for c in result.columns}
+        self.store.record_drift_check(adapter, result.drift_share, result.drifted, reason, columns)
+        if adapter in self._verdicts and self._verdicts[adapter] == result.drifted:
+            return
+        self._verdicts[adapter] = result.drifted
         self.store.record_event(
             "drift.verdict", reason, adapter,
-            drifted=result.drifted, share=result.drift_share,
-            columns={str(c.column): c.score for c in result.columns},
+            drifted=result.drifted, share=result.drift_share, columns=columns,
         )  # fmt: skip
 
     async def _check_drift_async(self) -> None:
@@ -142,25 +143,16 @@ class Monitor:
             self.engine, self.store, examples, targets, max_tokens=self.config.golden_max_tokens
         )
 
-    async def run(self) -> None:
-        """Schedule every check until cancelled."""
-        scheduler = AsyncIOScheduler()
-        jobs: dict[str, tuple[Callable[[], Awaitable[None]], float]] = {
-            "quality": (self._check_quality_async, self.config.quality_interval_s),
-            "golden": (self.run_goldens, self.config.golden_interval_s),
-            "drift": (self._check_drift_async, self.config.drift_interval_s),
+    def checks(self) -> dict[str, tuple[Callable[[], Awaitable[None]], float]]:
+        """Each check as a coroutine to schedule, timed and failure-proof, and its interval."""
+        return {
+            "quality": (
+                _timed("quality", self._check_quality_async),
+                self.config.quality_interval_s,
+            ),
+            "golden": (_timed("golden", self.run_goldens), self.config.golden_interval_s),
+            "drift": (_timed("drift", self._check_drift_async), self.config.drift_interval_s),
         }
-        for name, (job, interval) in jobs.items():
-            scheduler.add_job(
-                _timed(name, job), "interval", seconds=interval, id=name, name=name,
-                next_run_time=datetime.now(UTC), max_instances=1, coalesce=True,
-                misfire_grace_time=int(interval),
-            )  # fmt: skip
-        scheduler.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            scheduler.shutdown(wait=False)
 
 
 def _timed(check: str, job: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from monitor.window import ExchangeView, Window
 from serving.exchange import BASE_LABEL
@@ -13,6 +14,7 @@ from serving.store import Exchange, Feedback, Store
 # Live traffic: what users sent. Golden runs are judged apart; shadow replays are live
 # prompts answered by another adapter, so they count for that adapter.
 LIVE_ROUTES = ("primary", "canary", "pinned", "shadow")
+LABELLED_ROUTES = ("primary", "canary", "pinned")  # where users see answers and post feedback
 
 
 def read_window(
@@ -37,24 +39,54 @@ def read_window(
         feedback = _newest_feedback(session, [row.id for row in rows])
     if newest:
         rows.reverse()
-    views = tuple(
-        ExchangeView(
-            id=row.id,
-            created_at=row.created_at,
-            adapter=row.adapter,
-            route=row.route,
-            prompt=row.prompt,
-            response=row.response,
-            completion_tokens=row.completion_tokens,
-            mean_logprob=row.mean_logprob,
-            latency_seconds=row.latency_seconds,
-            status=row.status,
-            reference=feedback.get(row.id, (None, None))[0],
-            rating=feedback.get(row.id, (None, None))[1],
-        )
-        for row in rows
-    )
+    views = tuple(_view(row, feedback) for row in rows)
     return Window(adapter=adapter, exchanges=views)
+
+
+def labelled_exchanges(
+    store: Store, limit: int, *, since: datetime | None = None, adapter: str | None = None
+) -> list[ExchangeView]:
+    """The newest `limit` answered live exchanges that have a reference, newest first.
+
+    `since` keeps those whose reference was posted after it (new labels since a retrain);
+    `adapter` keeps one adapter's. Shadow replays carry no feedback of their own (it is
+    posted for the exchange the user saw), golden runs are read from their set.
+    """
+    with store.session() as session:
+        query = (
+            select(Exchange.id)
+            .join(Feedback, Feedback.exchange_id == Exchange.id)
+            .where(
+                Feedback.reference.is_not(None),
+                Exchange.status == "ok",
+                Exchange.route.in_(LABELLED_ROUTES),
+            )
+            .group_by(Exchange.id, Exchange.created_at)
+            .order_by(Exchange.created_at.desc())
+            .limit(limit)
+        )
+        if since is not None:
+            query = query.where(Feedback.created_at > since)
+        if adapter is not None:
+            query = query.where(Exchange.adapter == adapter)
+        ids = list(session.scalars(query))
+        found = session.scalars(select(Exchange).where(Exchange.id.in_(ids)))
+        rows = {row.id: row for row in found}
+        feedback = _newest_feedback(session, ids)
+    return [_view(rows[i], feedback) for i in ids]
+
+
+def count_labelled(store: Store, *, since: datetime | None = None) -> int:
+    """How many live exchanges got a reference after `since` (all of them when None)."""
+    with store.session() as session:
+        query = (
+            select(func.count(func.distinct(Exchange.id)))
+            .join(Feedback, Feedback.exchange_id == Exchange.id)
+            .where(Feedback.reference.is_not(None), Exchange.route.in_(LABELLED_ROUTES))
+        )
+        if since is not None:
+            query = query.where(Feedback.created_at > since)
+        return session.scalar(query) or 0
 
 
 def adapter_labels(store: Store, base_adapter: str) -> list[str]:
@@ -67,6 +99,24 @@ def with_goldens(store: Store, live: Window, size: int) -> Window:
     """A live window plus the adapter's `size` latest golden runs: what quality is judged on."""
     golden = read_window(store, live.adapter, size, routes=("golden",))
     return Window(live.adapter, live.exchanges + golden.exchanges)
+
+
+def _view(row: Exchange, feedback: dict[str, tuple[str | None, float | None]]) -> ExchangeView:
+    reference, rating = feedback.get(row.id, (None, None))
+    return ExchangeView(
+        id=row.id,
+        created_at=row.created_at,
+        adapter=row.adapter,
+        route=row.route,
+        prompt=row.prompt,
+        response=row.response,
+        completion_tokens=row.completion_tokens,
+        mean_logprob=row.mean_logprob,
+        latency_seconds=row.latency_seconds,
+        status=row.status,
+        reference=reference,
+        rating=rating,
+    )
 
 
 def _newest_feedback(

@@ -1,8 +1,10 @@
 """The PEFT trainer: a LoRA adapter from a training set, judged with the monitor's own metrics.
 
-It runs as a child process (`python -m retrain.trainer --spec SPEC.json`) so that a crash,
-an out-of-memory kill or a NaN cannot take the daemon down; the parent reads two files next
-to the output directory: progress lines while it runs and one result JSON at the end. The
+It runs as a child process so that a crash, an out-of-memory kill or a NaN cannot take the
+daemon down: `python -m retrain.trainer --job ID` for a job of the daemon (the spec is read
+from the job's row in the store, progress is written back to it) or `--spec SPEC.json` for
+a spec in a file. Either way it writes two files next to the output directory: progress
+lines while it runs and one result JSON at the end, which the parent reads. The
 same entry point runs under `torchrun` (or `accelerate launch`): transformers' Trainer does
 the distributed part (DDP; gloo on CPU), rank 0 alone saves and evaluates.
 
@@ -10,7 +12,8 @@ The Trainer is used rather than a loop of our own because it already has what a 
 needs: per-epoch validation, early stopping that restores the best epoch, bf16 autocast,
 DDP, and callbacks. What it lacks is added as callbacks: a loss that turns NaN or infinite
 aborts the run (its default is to paper over it in the logged average), progress goes to
-the caller and to a rich bar on a terminal.
+the caller and to a rich bar on a terminal, and a partial budget (the trials of retrain.hpo)
+ends the run after its share of the steps.
 
 Threads are explicit: on a shared CPU, torch's default (every core) fights the engine and
 slows both several-fold (DESIGN.md), so a job gets a thread count, split among the
@@ -68,6 +71,7 @@ from retrain.data import (
     read_examples,
     render,
 )
+from serving.store import Store, TrainingJob
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -98,6 +102,9 @@ class TrainingConfig:
     threads: int | None = None  # for the whole job, split among its processes; None: all given
     eval_max_examples: int = 100  # held-out examples generated for the final evaluation; 0: none
     eval_max_new_tokens: int = 32
+    # The share of the full run's steps to train, then validate and stop: the run's first steps
+    # on the full run's learning-rate schedule, not a shorter run (HPO judges trials so).
+    budget_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -113,6 +120,7 @@ class TrainingConfig:
             "threads >= 1": self.threads is None or self.threads >= 1,
             "eval_max_examples >= 0": self.eval_max_examples >= 0,
             "eval_max_new_tokens >= 1": self.eval_max_new_tokens >= 1,
+            "0 < budget_fraction <= 1": 0 < self.budget_fraction <= 1,
         }
         failed = [rule for rule, ok in checks.items() if not ok]
         if failed:
@@ -165,7 +173,8 @@ class TrainingResult:
     steps: int
     epochs_run: float
     stopped_early: bool
-    best_val_loss: float | None
+    best_val_loss: float | None  # of the epoch restored at the end
+    last_val_loss: float | None  # at the last step (where a partial budget ended)
     train_seconds: float
     samples_per_second: float
     tokens_per_second: float  # non-padding tokens, all processes together
@@ -220,8 +229,11 @@ def train(spec: TrainingSpec, progress: ProgressCallback | None = None) -> Train
         dropped_too_long=dropped + dropped_too,
         steps=state.global_step,
         epochs_run=epochs,
-        stopped_early=state.global_step < state.max_steps,
+        stopped_early=state.global_step < budget_steps(state.max_steps, config.budget_fraction),
         best_val_loss=state.best_metric,
+        last_val_loss=next(
+            (log["eval_loss"] for log in reversed(state.log_history) if "eval_loss" in log), None
+        ),
         train_seconds=seconds,
         samples_per_second=epochs * len(train_set) / seconds,
         tokens_per_second=state.num_input_tokens_seen / seconds,
@@ -353,6 +365,7 @@ def build_trainer(
     callbacks = [
         EarlyStoppingCallback(early_stopping_patience=config.patience),
         AbortOnNonFiniteLoss(),  # before the reporters: a NaN is never reported as progress
+        *([StopAtBudget(config.budget_fraction)] if config.budget_fraction < 1 else []),
         *reporters,
     ]
     trainer = Trainer(
@@ -381,6 +394,27 @@ class AbortOnNonFiniteLoss(TrainerCallback):
                     f"{key} is {value} at step {state.global_step} (epoch {state.epoch:.2f}): "
                     "training aborted, no adapter saved"
                 )
+
+
+def budget_steps(total_steps: int, fraction: float) -> int:
+    """The steps of a partial budget: the nearest whole step, at least one."""
+    return max(1, round(fraction * total_steps))
+
+
+class StopAtBudget(TrainerCallback):
+    """End the run once it has trained its share of the full run's steps.
+
+    The Trainer still plans the full run (its learning-rate schedule spans every step), so a
+    partial run is exactly the first steps of the full one. Stopping ends the epoch early, and
+    the epoch's end validates (and checkpoints): the last step always has a validation loss.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step >= budget_steps(state.max_steps, self.fraction):
+            control.should_training_stop = True
 
 
 class ReportProgress(TrainerCallback):
@@ -562,16 +596,64 @@ def append_progress(path: Path) -> ProgressCallback:
     return write
 
 
+def load_job(store: Store, job_id: int) -> TrainingSpec:
+    """The spec the daemon wrote into a training job's row."""
+    with store.session() as session:
+        row = session.get(TrainingJob, job_id)
+        if row is None:
+            raise TrainingError(f"no training job {job_id} in the store")
+        if not row.spec:
+            raise TrainingError(f"training job {job_id} has no spec yet")
+        try:
+            return TypeAdapter(TrainingSpec).validate_python(row.spec)
+        except ValidationError as exc:
+            raise TrainingError(f"training job {job_id}: invalid spec: {exc}") from None
+
+
+def store_progress(store: Store, job_id: int, every_s: float = 1.0) -> ProgressCallback:
+    """Progress into the job's row: at most once a second, and at every validation and the end."""
+    last = -math.inf
+
+    def write(update: TrainingProgress) -> None:
+        nonlocal last
+        final = update.val_loss is not None or update.step >= update.total_steps
+        if not final and time.monotonic() - last < every_s:
+            return
+        last = time.monotonic()
+        with store.session() as session:
+            row = session.get(TrainingJob, job_id)
+            if row is not None:
+                line = {"time": datetime.now(UTC).isoformat(), **asdict(update)}
+                row.progress = {**(row.progress or {}), "phase": "training", **line}
+
+    return write
+
+
 def main(argv: list[str] | None = None) -> int:
     description = __doc__.splitlines()[0]
     parser = argparse.ArgumentParser(prog="python -m retrain.trainer", description=description)
-    parser.add_argument("--spec", type=Path, required=True, help="the job's TrainingSpec as JSON")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", type=Path, help="a TrainingSpec as a JSON file")
+    source.add_argument("--job", type=int, help="a training job in the store: spec and progress")
+    parser.add_argument(
+        "--database-url", default=os.environ.get("TUNEWATCH_DATABASE_URL"),
+        help="the store of --job (default: $TUNEWATCH_DATABASE_URL)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.job is not None and not args.database_url:
+        parser.error("--job needs --database-url or TUNEWATCH_DATABASE_URL")
     output_dir: Path | None = None
     try:
-        spec = load_spec(args.spec)
+        if args.job is None:
+            spec, reporters = load_spec(args.spec), []
+        else:
+            store = Store(args.database_url)
+            spec = load_job(store, args.job)
+            reporters = [store_progress(store, args.job)]
         output_dir = spec.output_dir
-        result = train(spec, append_progress(progress_path(output_dir)) if is_rank_zero() else None)
+        if is_rank_zero():
+            reporters.append(append_progress(progress_path(output_dir)))
+        result = train(spec, _each(reporters) if is_rank_zero() else None)
     except Exception as exc:  # the process boundary: every failure becomes one recorded reason
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         if is_rank_zero() and output_dir is not None and not result_path(output_dir).exists():
@@ -582,6 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         write_json(result_path(result.adapter_dir), {"status": "succeeded", **asdict(result)})
     return 0
+
+
+def _each(reporters: list[ProgressCallback]) -> ProgressCallback:
+    def report(update: TrainingProgress) -> None:
+        for reporter in reporters:
+            reporter(update)
+
+    return report
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,17 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     create_engine,
+    delete,
     event,
     func,
     insert,
     inspect,
+    or_,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from serving.routing import RoutingTable
@@ -131,6 +135,7 @@ class TrainingJob(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None] = mapped_column(Integer)  # the trainer child while it runs
 
 
 class Adapter(Base):
@@ -174,6 +179,40 @@ class Event(Base):
     subject: Mapped[str | None] = mapped_column(String(128))
     reason: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class DriftCheck(Base):
+    """One drift check of one adapter's window: what the retrain trigger judges, check by check."""
+
+    __tablename__ = "drift_checks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    adapter: Mapped[str] = mapped_column(String(128), index=True)
+    share: Mapped[float | None] = mapped_column(Float)  # None: not judged
+    detected: Mapped[bool | None]
+    reason: Mapped[str] = mapped_column(Text)  # why it was not judged, or what drifted
+    columns: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ControllerState(Base):
+    """What a controller part (the retrain trigger, a rollout) remembers across restarts."""
+
+    __tablename__ = "controller_state"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    state: Mapped[dict[str, Any]]
+
+
+class Lease(Base):
+    """Who may act: one daemon per database runs the scheduled jobs, for as long as it renews."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime]
 
 
 @dataclass(frozen=True)
@@ -316,6 +355,71 @@ class Store:
             session.add(RoutingChange(table=table.as_dict(), reason=reason))
             session.add(Event(kind="routing.changed", reason=reason, data=table.as_dict()))
 
+    # drift checks
+
+    def record_drift_check(
+        self, adapter: str, share: float | None, detected: bool | None, reason: str,
+        columns: dict[str, Any],
+    ) -> None:  # fmt: skip
+        with self.session() as session:
+            session.add(DriftCheck(adapter=adapter, share=share, detected=detected, reason=reason,
+                                   columns=json.loads(json.dumps(columns))))  # fmt: skip
+
+    def drift_checks(self, adapter: str, after_id: int = 0, limit: int = 100) -> list[DriftCheck]:
+        """The adapter's drift checks after `after_id`, oldest first."""
+        with self.session() as session:
+            query = (
+                select(DriftCheck)
+                .where(DriftCheck.adapter == adapter, DriftCheck.id > after_id)
+                .order_by(DriftCheck.id)
+                .limit(limit)
+            )
+            return list(session.scalars(query))
+
+    # controller state and the lease
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        with self.session() as session:
+            row = session.get(ControllerState, name)
+            return None if row is None else dict(row.state)
+
+    def save_state(self, name: str, state: dict[str, Any]) -> None:
+        with self.session() as session:
+            row = session.get(ControllerState, name)
+            if row is None:
+                session.add(ControllerState(name=name, state=state))
+            else:
+                row.state = state
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease; True while `holder` has it. Atomic on both databases:
+        one conditional UPDATE (free, expired or ours) or one INSERT that only one can win."""
+        now = utcnow()
+        expires = now + timedelta(seconds=ttl_s)
+        with self.engine.begin() as connection:
+            taken = connection.execute(
+                update(Lease)
+                .where(Lease.name == name, or_(Lease.holder == holder, Lease.expires_at < now))
+                .values(holder=holder, expires_at=expires)
+            )
+            if taken.rowcount == 1:
+                return True
+            exists = connection.scalar(select(func.count()).where(Lease.name == name))
+            if exists:
+                return False
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    insert(Lease).values(name=name, holder=holder, expires_at=expires)
+                )
+        except IntegrityError:  # another holder inserted it first
+            return False
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+
     # events
 
     def record_event(self, kind: str, reason: str, subject: str | None = None, **data: Any) -> None:
@@ -326,13 +430,20 @@ class Store:
             )
 
     def events(
-        self, kind: str | None = None, limit: int = 100, subject: str | None = None
+        self,
+        kind: str | None = None,
+        limit: int = 100,
+        subject: str | None = None,
+        *,
+        kind_prefix: str | None = None,
     ) -> list[Event]:
-        """The newest events first, optionally of one kind and about one subject."""
+        """The newest events first, optionally of one kind (or kinds by prefix), one subject."""
         with self.session() as session:
             query = select(Event).order_by(Event.id.desc()).limit(limit)
             if kind is not None:
                 query = query.where(Event.kind == kind)
+            if kind_prefix is not None:
+                query = query.where(Event.kind.startswith(kind_prefix, autoescape=True))
             if subject is not None:
                 query = query.where(Event.subject == subject)
             return list(session.scalars(query))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from rich.table import Table
 from monitor.goldens import GoldenSetError
 from retrain.registry import versions
 from serving.model import ModelNotFoundError
+from serving.routing import RoutingTable
 from serving.store import SchemaMismatchError, Store
 from serving.supervisor import ProcessStartError
 from tunewatch import stack
@@ -168,6 +170,83 @@ def adapters(config: ConfigOption = None) -> None:
             version.parent or "-", str(version.job_id or "-"),
             version.created_at.strftime("%Y-%m-%d %H:%M"),
             ", ".join(f"{k}={v:.3g}" for k, v in version.metrics.items()) or "-",
+        )  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+def retrain(
+    from_feedback: Annotated[
+        bool, typer.Option("--from-feedback", help="Train on the labelled exchanges (feedback).")
+    ] = False,
+    base: Annotated[
+        bool, typer.Option("--base", help="Start from the base model, not the serving adapter.")
+    ] = False,
+    goldens: Annotated[
+        bool | None,
+        typer.Option(
+            "--goldens/--no-goldens",
+            help="Train on the golden set too.",
+            show_default="retrain.use_goldens",
+        ),
+    ] = None,  # fmt: skip
+    config: ConfigOption = None,
+) -> None:
+    """Train a LoRA adapter now, in the foreground, and register it as a candidate."""
+    if not from_feedback:
+        console.print("[red]error:[/red] say what to train on: --from-feedback")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    model_dir, _ = _prepare(settings)
+    from retrain import jobs  # torch and transformers: only for the commands using them
+    from tunewatch.retraining import retrain_config
+
+    try:
+        retraining = retrain_config(settings, model_dir)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if goldens is not None:
+        retraining = replace(retraining, use_goldens=goldens)
+    if base:
+        retraining = replace(retraining, start_from="base")
+    store = _store(settings)
+    active = jobs.active_job(store)
+    if active is not None:
+        console.print(
+            f"[red]error:[/red] training job {active.id} is {active.status} ({active.reason}); "
+            "one job runs at a time"
+        )
+        raise typer.Exit(1)
+    parent = (store.routing_table() or RoutingTable()).primary
+    job = jobs.run_in_foreground(store, retraining, "requested by hand (--from-feedback)", parent)
+    if job.status != "succeeded":
+        console.print(f"[red]training job {job.id} {job.status}:[/red] {job.error}")
+        raise typer.Exit(1)
+    [version] = [v for v in versions(store) if v.name == job.adapter]
+    figures = ", ".join(f"{k}={v:.3g}" for k, v in version.metrics.items())
+    console.print(f"job {job.id}: adapter [bold]{version.name}[/bold] registered as a candidate")
+    console.print(f"  path:    {version.path}\n  parent:  {version.parent or 'base model'}")
+    console.print(f"  metrics: {figures}")
+
+
+@app.command()
+def events(
+    kind: Annotated[
+        str | None, typer.Option(help="Only events whose kind starts with this, e.g. retrain.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 30,
+    config: ConfigOption = None,
+) -> None:
+    """The audit trail: every automatic or manual decision, newest first, with its reason."""
+    settings = _settings(config)
+    table = Table(title="events")
+    for column in ("time", "kind", "subject", "reason"):
+        table.add_column(column, overflow="fold")
+    for event in _store(settings).events(kind_prefix=kind, limit=limit):
+        table.add_row(
+            event.created_at.strftime("%Y-%m-%d %H:%M:%S"), event.kind, event.subject or "-",
+            event.reason,
         )  # fmt: skip
     Console().print(table)
 

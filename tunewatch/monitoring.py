@@ -1,4 +1,5 @@
-"""Assembles the monitor sidecar from the settings (`tunewatch monitor`, `tunewatch drift`).
+"""Assembles the monitor sidecar from the settings (`tunewatch monitor`, `tunewatch drift`): the
+monitor's checks and the controller's jobs (retrain trigger, training) on one scheduler.
 
 Apart from tunewatch/stack.py so that the gateway's process never imports Evidently and
 the analysis libraries (about 10 s and several hundred MB): the CLI imports this module
@@ -16,8 +17,12 @@ from monitor.drift import Column, DriftConfig
 from monitor.embeddings import PromptEmbedder
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from monitor.sidecar import Monitor, MonitorConfig
+from retrain.jobs import TrainingRunner
+from retrain.scheduler import PeriodicJob, Scheduler
+from retrain.trigger import Trigger
 from serving.engine import EngineClient
 from serving.store import Store
+from tunewatch.retraining import retrain_config, trigger_config
 from tunewatch.settings import Settings, SettingsError
 from tunewatch.stack import identity_adapter_name, prepare
 
@@ -37,8 +42,9 @@ def drift_config(settings: Settings) -> DriftConfig:
 
 
 async def monitor(settings: Settings, engine_url: str) -> None:
-    """The monitor sidecar: checks on a schedule, figures on its own /metrics."""
-    _, identity_dir = await asyncio.to_thread(prepare, settings)
+    """The monitor sidecar: checks and the controller's jobs on one scheduler, figures on its
+    own /metrics."""
+    model_dir, identity_dir = await asyncio.to_thread(prepare, settings)
     options = settings.monitor
     golden_set = options.golden_set or DEFAULT_GOLDEN_SET
     config = MonitorConfig(
@@ -53,12 +59,30 @@ async def monitor(settings: Settings, engine_url: str) -> None:
     )
     if config.golden_set is not None:
         load_golden_set(config.golden_set)  # a broken file is refused at start, not at 3 a.m.
+    store = Store(settings.store_url)
     engine = EngineClient(engine_url, request_timeout_s=settings.engine.request_timeout_s)
     embedder = PromptEmbedder(threads=options.embedding_threads)
     sidecar = Monitor(
-        Store(settings.store_url), config, engine, identity_adapter_name(identity_dir),
-        embed=embedder.embed_exchanges,
-    )  # fmt: skip
+        store, config, engine, identity_adapter_name(identity_dir), embed=embedder.embed_exchanges
+    )
+    jobs = [
+        PeriodicJob(name, body, interval) for name, (body, interval) in sidecar.checks().items()
+    ]
+    runner: TrainingRunner | None = None
+    if settings.retrain.enabled:
+        trigger = Trigger(store, trigger_config(settings))
+        runner = TrainingRunner(store, retrain_config(settings, model_dir))
+        jobs += [
+            PeriodicJob(
+                "trigger", lambda: asyncio.to_thread(trigger.evaluate),
+                settings.retrain.trigger_interval_s,
+            ),
+            PeriodicJob("training", runner.tick, settings.retrain.training_interval_s),
+        ]  # fmt: skip
     start_http_server(options.port, addr=options.host)
     log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})
-    await sidecar.run()
+    try:
+        await Scheduler(store, jobs, lease_ttl_s=options.lease_ttl_s).run()
+    finally:
+        if runner is not None:
+            await asyncio.to_thread(runner.close)

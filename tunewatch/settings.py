@@ -76,6 +76,42 @@ class MonitorSettings(_Section):
         description="Per drift column; `tunewatch drift calibrate` proposes them.",
     )
     embedding_threads: int = Field(default=1, ge=1)
+    lease_ttl_s: float = Field(
+        default=30.0, ge=3, description="The scheduler lease: one daemon per database acts."
+    )
+
+
+class RetrainSettings(_Section):
+    """The trigger (retrain/policy.py) and the training jobs (retrain/jobs.py)."""
+
+    enabled: bool = Field(default=True, description="Run the trigger and the training jobs.")
+    trigger_interval_s: float = Field(default=30.0, gt=0)
+    training_interval_s: float = Field(default=5.0, gt=0, description="Start or follow a job.")
+    consecutive_checks: int = Field(default=3, ge=1, description="Drift checks that must agree.")
+    min_new_labelled: int = Field(default=200, ge=0)
+    cooldown_s: float = Field(default=6 * 3600.0, ge=0)
+    daily_budget: int = Field(default=2, ge=0)
+    # A topic shift moves about 2 of the 8 drift columns (prompt text and embedding).
+    enter_share: float = Field(default=0.25, ge=0, le=1)
+    exit_share: float = Field(default=0.125, ge=0, le=1)
+    family: str | None = Field(
+        default=None,
+        description="Name of adapters trained from the base model; unset: <served name>-ft.",
+    )
+    start_from: Literal["serving", "base"] = "serving"
+    use_goldens: bool = Field(
+        default=False, description="Train on the golden set too (it stops being a fair exam)."
+    )
+    max_examples: int = Field(default=5000, ge=1)
+    validation_fraction: float = Field(default=0.2, gt=0, lt=1)
+    start_delay_s: float = Field(default=0.0, ge=0)
+    threads: int = Field(default=1, ge=1, description="Torch threads of the trainer child.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="retrain.trainer.TrainingConfig fields: rank, epochs..."
+    )
+    launcher: list[str] = Field(
+        default_factory=list, description="e.g. [torchrun, --nproc_per_node, '2']; unset: python"
+    )
 
 
 class Settings(BaseSettings):
@@ -92,6 +128,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
 
     @classmethod
     def settings_customise_sources(

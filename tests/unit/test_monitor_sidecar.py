@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -19,23 +18,12 @@ from monitor.sidecar import Monitor, MonitorConfig
 from monitor.traffic import read_window
 from serving.engine import EngineClient
 from serving.store import Store
-
-T0 = datetime(2026, 11, 1, tzinfo=UTC)
+from tests.unit.views import exchange_record as exchange
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(f"sqlite:///{tmp_path / 'monitor.db'}")
-
-
-def exchange(n: int, adapter: str = "base", route: str = "primary", **fields) -> dict:
-    return dict(
-        id=f"x{n:04d}", created_at=T0 + timedelta(seconds=n), route=route, adapter=adapter,
-        parent_id=None, endpoint="chat.completions", user=None, prompt=f"prompt {n}",
-        request={}, response=f"answer {n}", prompt_tokens=5, completion_tokens=3,
-        ttft_seconds=None, latency_seconds=0.5, mean_logprob=-0.2, finish_reason="stop",
-        status="ok", http_status=200, error=None,
-    ) | fields  # fmt: skip
 
 
 def sample(name: str, **labels: str) -> float | None:

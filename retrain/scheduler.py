@@ -1,0 +1,167 @@
+"""The daemon's clock: every periodic job (monitor checks, the retrain trigger, training jobs,
+rollout steps) on one APScheduler, its job store in the tunewatch database, one leader per
+database.
+
+Why each setting is what it is:
+
+- Persistent job store (APScheduler's SQLAlchemyJobStore, table `apscheduler_jobs` in the
+  same database): a restart keeps each job's next run time instead of running everything at
+  once, and a job is stored once under its name (`replace_existing`), so restarts never
+  duplicate it. The store holds only a job's name; its body is looked up in this process
+  (`run_job`), so nothing but a name is pickled into the database.
+- Misfire grace = the job's interval: APScheduler's default (1 s) silently drops a run that
+  starts late, which a busy event loop or a slow check makes routine. A run late by up to one
+  interval still runs; later than that it is due again anyway.
+- Coalescing on: runs missed while the daemon was down collapse into one run, not a burst.
+- One instance per job: a check that outlasts its interval is not started twice.
+- The lease: APScheduler does not support two schedulers sharing a job store (both would run
+  the jobs). A daemon starts its scheduler only while it holds the `scheduler` lease in the
+  database, renews it every third of its time to live, and stops the scheduler the moment a
+  renewal fails; a second daemon on the same database waits, and takes over when the first
+  stops renewing. Jobs are not fenced beyond that: a holder that stalls longer than the time
+  to live could overlap its successor by one job run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from apscheduler.job import Job
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from retrain import metrics
+from serving.store import Store
+
+log = logging.getLogger(__name__)
+
+JobBody = Callable[[], Awaitable[None]]
+LEASE = "scheduler"
+
+# The bodies of this process's jobs, by name: what the job store's `run_job` calls.
+_BODIES: dict[str, JobBody] = {}
+
+
+@dataclass(frozen=True)
+class PeriodicJob:
+    name: str
+    body: JobBody
+    interval_s: float
+
+
+async def run_job(name: str) -> None:
+    """What every stored job runs: the body registered under its name, failures contained.
+
+    A failing job is logged and counted; the scheduler and the other jobs go on.
+    """
+    body = _BODIES.get(name)
+    if body is None:
+        log.error("scheduled job has no body in this process", extra={"job": name})
+        return
+    started = time.perf_counter()
+    try:
+        await body()
+    except Exception:
+        log.exception("scheduled job failed", extra={"job": name})
+        metrics.JOB_RUNS.labels(name, "failed").inc()
+    else:
+        metrics.JOB_RUNS.labels(name, "ok").inc()
+    finally:
+        metrics.JOB_DURATION.labels(name).set(time.perf_counter() - started)
+
+
+def default_holder() -> str:
+    """This daemon, as the lease names it: host, process and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Scheduler:
+    """Runs the jobs while this daemon holds the lease; waits for it otherwise."""
+
+    def __init__(
+        self,
+        store: Store,
+        jobs: Sequence[PeriodicJob],
+        *,
+        holder: str | None = None,
+        lease_ttl_s: float = 30.0,
+    ) -> None:
+        names = [job.name for job in jobs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"job names must be unique, got {names}")
+        self.store, self.jobs = store, list(jobs)
+        self.holder = holder or default_holder()
+        self.lease_ttl_s = lease_ttl_s
+        self._scheduler: AsyncIOScheduler | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self._scheduler is not None
+
+    async def run(self) -> None:
+        """Until cancelled: take the lease, run the jobs, renew; on losing it, stop and wait."""
+        try:
+            while True:
+                held = await asyncio.to_thread(
+                    self.store.acquire_lease, LEASE, self.holder, self.lease_ttl_s
+                )
+                if held and not self.leading:
+                    self._start()
+                elif not held and self.leading:
+                    log.warning("scheduler lease lost; jobs stopped", extra={"holder": self.holder})
+                    self.store.record_event("scheduler.standby", "lease lost", self.holder)
+                    self._stop()
+                metrics.LEADER.set(int(self.leading))
+                await asyncio.sleep(self.lease_ttl_s / 3)
+        finally:
+            if self.leading:
+                self._stop()
+                await asyncio.to_thread(self.store.release_lease, LEASE, self.holder)
+            metrics.LEADER.set(0)
+
+    def _start(self) -> None:
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler.add_jobstore(SQLAlchemyJobStore(engine=self.store.engine), "default")
+        scheduler.start(paused=True)  # the stored jobs are reconciled before any runs
+        stored = {job.id: job for job in scheduler.get_jobs()}
+        for job in self.jobs:
+            _BODIES[job.name] = job.body
+            scheduler.add_job(
+                run_job, IntervalTrigger(seconds=job.interval_s, timezone=UTC), args=[job.name],
+                id=job.name, name=job.name, replace_existing=True, max_instances=1,
+                coalesce=True, misfire_grace_time=max(1, round(job.interval_s)),
+                next_run_time=_next_run(stored.get(job.name), job.interval_s),
+            )  # fmt: skip
+        for name in stored.keys() - {job.name for job in self.jobs}:
+            scheduler.remove_job(name)  # a job this version no longer has
+        scheduler.resume()
+        self._scheduler = scheduler
+        log.info("scheduler leading", extra={"holder": self.holder, "jobs": sorted(_BODIES)})
+        self.store.record_event(
+            "scheduler.leading", "took the scheduler lease", self.holder,
+            jobs={job.name: job.interval_s for job in self.jobs},
+        )  # fmt: skip
+
+    def _stop(self) -> None:
+        assert self._scheduler is not None
+        self._scheduler.shutdown(wait=False)
+        self._scheduler = None
+
+
+def _next_run(stored: Job | None, interval_s: float) -> datetime:
+    """The stored next run time if the job keeps its interval, else now."""
+    now = datetime.now(UTC)
+    if stored is None or stored.next_run_time is None:
+        return now
+    if stored.trigger.interval.total_seconds() != interval_s:
+        return now
+    return stored.next_run_time

@@ -1,0 +1,111 @@
+"""The trigger job: each new drift check of the serving adapter, judged by the retrain policy.
+
+`retrain.policy.decide` is pure; this module gives it its inputs and carries out its
+decision. Each drift check the monitor recorded for the serving adapter (the primary, or
+the base model) is evaluated once, in order, whatever the two jobs' intervals: the id of
+the last one judged is kept with the policy's state, in the store, so a restart neither
+skips a check nor counts one twice, and keeps the cooldown and the daily budget. Every
+evaluation is an event (`retrain.trigger`) with its reason and figures, fired or not; a
+decision to retrain queues a training job, and `cancel_pending` cancels the queued one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import select
+
+from monitor.traffic import count_labelled
+from retrain import jobs, metrics
+from retrain.policy import JobStatus, Observation, TriggerConfig, TriggerState, decide
+from serving.exchange import BASE_LABEL
+from serving.routing import RoutingTable
+from serving.store import Adapter, DriftCheck, Store
+
+log = logging.getLogger(__name__)
+
+STATE = "retrain.trigger"
+ROLLOUT_STATUSES = ("candidate", "shadow", "canary")  # an adapter on its way to primary
+
+
+@dataclass(frozen=True)
+class TriggerMemory:
+    """The policy's state, and which drift check of which adapter it last judged."""
+
+    policy: TriggerState
+    adapter: str | None = None
+    last_check_id: int = 0
+    job_id: int | None = None  # the job this trigger queued last
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.to_dict(), "adapter": self.adapter,
+            "last_check_id": self.last_check_id, "job_id": self.job_id,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TriggerMemory:
+        if not data:
+            return cls(TriggerState())
+        return cls(
+            TriggerState.from_dict(data.get("policy") or {}), data.get("adapter"),
+            int(data.get("last_check_id", 0)), data.get("job_id"),
+        )  # fmt: skip
+
+
+class Trigger:
+    def __init__(self, store: Store, config: TriggerConfig) -> None:
+        self.store, self.config = store, config
+
+    def evaluate(self) -> None:
+        """Judge every drift check of the serving adapter recorded since the last evaluation."""
+        memory = TriggerMemory.from_dict(self.store.load_state(STATE))
+        routing = self.store.routing_table() or RoutingTable()
+        serving = routing.primary or BASE_LABEL
+        if memory.adapter != serving:
+            # A new primary has a new reference window: its drift starts from nothing, while
+            # the cooldown and the budget (about retrains, not adapters) carry over.
+            fresh = replace(memory.policy, drift_entered=False, drift_streak=0,
+                            quality_dropped=False, quality_streak=0)  # fmt: skip
+            memory = replace(memory, policy=fresh, adapter=serving)
+        for check in self.store.drift_checks(serving, after_id=memory.last_check_id):
+            memory = self._judge(memory, check, routing.primary)
+            self.store.save_state(STATE, memory.to_dict())
+
+    def _judge(self, memory: TriggerMemory, check: DriftCheck, primary: str | None) -> TriggerMemory:
+        policy = memory.policy
+        observation = Observation(
+            now=check.created_at,
+            drift_share=check.share,
+            drift_detected=check.detected,
+            refusal=check.reason if check.share is None else None,
+            new_labelled=count_labelled(self.store, since=policy.last_retrain_at),
+            rollout_in_progress=self._rollout_in_progress(),
+            retrain_job=self._job_status(),
+        )
+        decision = decide(self.config, policy, observation)
+        metrics.TRIGGER_DECISIONS.labels(decision.action).inc()
+        subject = memory.adapter
+        self.store.record_event(
+            "retrain.trigger", decision.reason, subject, check_id=check.id, **decision.figures
+        )
+        job_id = memory.job_id
+        if decision.action == "retrain":
+            job_id = jobs.queue_job(self.store, decision.reason, primary)
+            log.info("retrain decided: %s", decision.reason, extra={"job": job_id})
+        elif decision.action == "cancel_pending" and job_id is not None:
+            jobs.cancel(self.store, job_id, decision.reason)
+        return replace(memory, policy=decision.state, last_check_id=check.id, job_id=job_id)
+
+    def _rollout_in_progress(self) -> bool:
+        with self.store.session() as session:
+            query = select(Adapter.name).where(Adapter.status.in_(ROLLOUT_STATUSES)).limit(1)
+            return session.scalar(query) is not None
+
+    def _job_status(self) -> JobStatus:
+        job = jobs.active_job(self.store)
+        if job is None:
+            return "none"
+        return "running" if job.status == "running" else "queued"

@@ -1,0 +1,72 @@
+"""Assembles the controller's parts from the settings: the retrain trigger and training jobs.
+
+Bad values are refused here, at start, with the setting's name: a typo in
+`retrain.training` must not surface hours later as a failed training job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+
+from monitor.goldens import DEFAULT_GOLDEN_SET
+from retrain.jobs import RetrainConfig
+from retrain.policy import TriggerConfig
+from retrain.trainer import TrainingConfig
+from tunewatch.settings import Settings, SettingsError
+
+
+def trigger_config(settings: Settings) -> TriggerConfig:
+    options = settings.retrain
+    try:
+        return TriggerConfig(
+            consecutive_checks=options.consecutive_checks,
+            min_new_labelled=options.min_new_labelled,
+            cooldown=timedelta(seconds=options.cooldown_s),
+            daily_budget=options.daily_budget,
+            enter_share=options.enter_share,
+            exit_share=options.exit_share,
+        )
+    except ValueError as exc:
+        raise SettingsError(f"retrain: {exc}") from None
+
+
+def training_config(settings: Settings) -> TrainingConfig:
+    given = settings.retrain.training
+    known = {field.name for field in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise SettingsError(
+            f"retrain.training: unknown fields {unknown}; known are {sorted(known)}"
+        )
+    try:
+        return TypeAdapter(TrainingConfig).validate_python(
+            {"threads": settings.retrain.threads, **given}
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()
+        )
+        raise SettingsError(f"retrain.training: {problems}") from None
+
+
+def retrain_config(settings: Settings, model_dir: Path) -> RetrainConfig:
+    options = settings.retrain
+    return RetrainConfig(
+        model_dir=model_dir,
+        jobs_dir=settings.state_dir / "training",
+        database_url=settings.store_url,
+        training=training_config(settings),
+        family=options.family or f"{settings.engine.served_model_name}-ft",
+        start_from=options.start_from,
+        use_goldens=options.use_goldens,
+        golden_set=settings.monitor.golden_set or DEFAULT_GOLDEN_SET,
+        max_examples=options.max_examples,
+        validation_fraction=options.validation_fraction,
+        start_delay_s=options.start_delay_s,
+        launcher=tuple(options.launcher) or (sys.executable,),
+    )
