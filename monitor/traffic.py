@@ -44,9 +44,15 @@ def read_window(
 
 
 def labelled_exchanges(
-    store: Store, limit: int, *, since: datetime | None = None, adapter: str | None = None
+    store: Store,
+    limit: int,
+    *,
+    since: datetime | None = None,
+    adapter: str | None = None,
+    newest: bool = True,
 ) -> list[ExchangeView]:
-    """The newest `limit` answered live exchanges that have a reference, newest first.
+    """The newest (or oldest) `limit` answered live exchanges with a reference, newest
+    (oldest) first.
 
     `since` keeps those whose reference was posted after it (new labels since a retrain);
     `adapter` keeps one adapter's. Shadow replays carry no feedback of their own (it is
@@ -62,7 +68,7 @@ def labelled_exchanges(
                 Exchange.route.in_(LABELLED_ROUTES),
             )
             .group_by(Exchange.id, Exchange.created_at)
-            .order_by(Exchange.created_at.desc())
+            .order_by(Exchange.created_at.desc() if newest else Exchange.created_at.asc())
             .limit(limit)
         )
         if since is not None:

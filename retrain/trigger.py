@@ -7,17 +7,21 @@ the last one judged is kept with the policy's state, in the store, so a restart 
 skips a check nor counts one twice, and keeps the cooldown and the daily budget. Every
 evaluation is an event (`retrain.trigger`) with its reason and figures, fired or not; a
 decision to retrain queues a training job, and `cancel_pending` cancels the queued one.
+With `quality_drop` configured, each evaluation also measures the serving adapter's quality
+on its newest labelled exchanges against its first ones (QualitySignal).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 
-from monitor.traffic import count_labelled
+from monitor.quality import quality
+from monitor.traffic import count_labelled, labelled_exchanges
+from monitor.window import ExchangeView, Window
 from retrain import jobs, metrics
 from retrain.policy import JobStatus, Observation, TriggerConfig, TriggerState, decide
 from serving.exchange import BASE_LABEL
@@ -55,9 +59,38 @@ class TriggerMemory:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class QualitySignal:
+    """The optional second signal: the serving adapter's quality on its newest labelled window
+    against its first one (its baseline, as the first exchanges are its drift reference)."""
+
+    metric: Literal["chrf", "exact_match", "rouge_l"] = "chrf"
+    window: int = 200
+    min_labelled: int = 30  # in each window; fewer: not judged
+
+    def measure(self, store: Store, adapter: str) -> tuple[float | None, float | None]:
+        current = labelled_exchanges(store, self.window, adapter=adapter)
+        seen = {e.id for e in current}
+        oldest = labelled_exchanges(store, self.window, adapter=adapter, newest=False)
+        baseline = [e for e in oldest if e.id not in seen]
+        if min(len(current), len(baseline)) < self.min_labelled:
+            return None, None
+        return self._score(adapter, current), self._score(adapter, baseline)
+
+    def _score(self, adapter: str, exchanges: list[ExchangeView]) -> float | None:
+        scores = quality(Window(adapter, tuple(exchanges)))
+        return {
+            "chrf": scores.chrf, "exact_match": scores.exact_match_ratio,
+            "rouge_l": scores.rouge.get("rougeL"),
+        }[self.metric]  # fmt: skip
+
+
 class Trigger:
-    def __init__(self, store: Store, config: TriggerConfig) -> None:
+    def __init__(
+        self, store: Store, config: TriggerConfig, quality: QualitySignal | None = None
+    ) -> None:
         self.store, self.config = store, config
+        self.quality = quality if config.quality_drop is not None else None
 
     def evaluate(self) -> None:
         """Judge every drift check of the serving adapter recorded since the last evaluation."""
@@ -74,13 +107,19 @@ class Trigger:
             memory = self._judge(memory, check, routing.primary)
             self.store.save_state(STATE, memory.to_dict())
 
-    def _judge(self, memory: TriggerMemory, check: DriftCheck, primary: str | None) -> TriggerMemory:
+    def _judge(
+        self, memory: TriggerMemory, check: DriftCheck, primary: str | None
+    ) -> TriggerMemory:
         policy = memory.policy
+        measured = self.quality.measure(self.store, check.adapter) if self.quality else None
+        current, baseline = measured or (None, None)
         observation = Observation(
             now=check.created_at,
             drift_share=check.share,
             drift_detected=check.detected,
             refusal=check.reason if check.share is None else None,
+            quality=current,
+            quality_baseline=baseline,
             new_labelled=count_labelled(self.store, since=policy.last_retrain_at),
             rollout_in_progress=self._rollout_in_progress(),
             retrain_job=self._job_status(),

@@ -22,7 +22,7 @@ from retrain.scheduler import PeriodicJob, Scheduler
 from retrain.trigger import Trigger
 from serving.engine import EngineClient
 from serving.store import Store
-from tunewatch.retraining import retrain_config, trigger_config
+from tunewatch.retraining import quality_signal, retrain_config, trigger_config
 from tunewatch.settings import Settings, SettingsError
 from tunewatch.stack import identity_adapter_name, prepare
 
@@ -70,7 +70,7 @@ async def monitor(settings: Settings, engine_url: str) -> None:
     ]
     runner: TrainingRunner | None = None
     if settings.retrain.enabled:
-        trigger = Trigger(store, trigger_config(settings))
+        trigger = Trigger(store, trigger_config(settings), quality_signal(settings))
         runner = TrainingRunner(store, retrain_config(settings, model_dir))
         jobs += [
             PeriodicJob(

@@ -17,6 +17,7 @@ from monitor.goldens import DEFAULT_GOLDEN_SET
 from retrain.jobs import RetrainConfig
 from retrain.policy import TriggerConfig
 from retrain.trainer import TrainingConfig
+from retrain.trigger import QualitySignal
 from tunewatch.settings import Settings, SettingsError
 
 
@@ -30,9 +31,15 @@ def trigger_config(settings: Settings) -> TriggerConfig:
             daily_budget=options.daily_budget,
             enter_share=options.enter_share,
             exit_share=options.exit_share,
+            quality_drop=options.quality_drop,
+            quality_metric=options.quality_metric,
         )
     except ValueError as exc:
         raise SettingsError(f"retrain: {exc}") from None
+
+
+def quality_signal(settings: Settings) -> QualitySignal:
+    return QualitySignal(settings.retrain.quality_metric, settings.monitor.window_size)
 
 
 def training_config(settings: Settings) -> TrainingConfig:

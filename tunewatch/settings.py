@@ -94,6 +94,11 @@ class RetrainSettings(_Section):
     # A topic shift moves about 2 of the 8 drift columns (prompt text and embedding).
     enter_share: float = Field(default=0.25, ge=0, le=1)
     exit_share: float = Field(default=0.125, ge=0, le=1)
+    quality_drop: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Also retrain when quality falls this far (relative) below its baseline.",
+    )  # fmt: skip
+    quality_metric: Literal["chrf", "exact_match", "rouge_l"] = "chrf"
     family: str | None = Field(
         default=None,
         description="Name of adapters trained from the base model; unset: <served name>-ft.",

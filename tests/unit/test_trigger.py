@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from retrain.jobs import active_job, claim
 from retrain.policy import TriggerConfig
 from retrain.registry import register
-from retrain.trigger import Trigger
+from retrain.trigger import QualitySignal, Trigger
 from serving.routing import RoutingTable
 from serving.store import Store
 from tests.unit.conftest import write_adapter
@@ -118,3 +119,17 @@ def test_a_new_primary_starts_its_drift_count_afresh(store: Store, tmp_path: Pat
     trigger.evaluate()
     [latest] = store.events(kind="retrain.trigger", limit=1)
     assert latest.subject == "support-v1" and latest.data["drift_streak"] == 1
+
+
+def test_a_quality_drop_below_the_first_labelled_window_fires_on_its_own(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'quality.db'}")
+    store.record_exchanges([exchange_record(n, response="Paris") for n in range(80)])
+    for n in range(80):  # right at first, then wrong: the answers stayed, the world moved on
+        store.add_feedback(f"x{n:04d}", "Paris" if n < 40 else "Lyon", None)
+    config = replace(CONFIG, quality_drop=0.2, quality_metric="exact_match")
+    drift(store, 0.0, 0.0, 0.0)
+    Trigger(store, config, QualitySignal("exact_match", window=40)).evaluate()
+    assert decisions(store) == ["none", "none", "retrain"]
+    [fired] = store.events(kind="retrain.trigger", limit=1)
+    assert (fired.data["quality"], fired.data["quality_baseline"]) == (0.0, 1.0)
+    assert fired.data["trigger"] == "quality" and "100% drop >= 20%" in fired.reason
