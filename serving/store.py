@@ -181,6 +181,26 @@ class Event(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class Rollout(Base):
+    """One candidate adapter's way through shadow and canary steps to promoted or rolled back."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    candidate: Mapped[str] = mapped_column(String(128), index=True)
+    baseline: Mapped[str | None] = mapped_column(String(128))  # the primary; None: the base
+    # shadow | canary | paused | promoted | rolled_back
+    stage: Mapped[str] = mapped_column(String(16), index=True)
+    step: Mapped[int] = mapped_column(Integer, default=-1)  # the canary step; -1 before
+    stage_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    reason: Mapped[str] = mapped_column(Text)  # of the latest transition
+    state: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what decide() remembers
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the settings it runs under
+
+
 class DriftCheck(Base):
     """One drift check of one adapter's window: what the retrain trigger judges, check by check."""
 
