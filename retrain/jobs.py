@@ -68,6 +68,7 @@ class RetrainConfig:
     max_examples: int = 5000  # the newest labelled exchanges
     validation_fraction: float = 0.2
     start_delay_s: float = 0.0  # a queued job waits this long (a drift that clears cancels it)
+    hpo_trials: int = 0  # > 0: an Optuna search judged at 20% of the budget picks the config
     launcher: Sequence[str] = (sys.executable,)  # e.g. ("torchrun", "--nproc_per_node", "2")
 
 
@@ -182,6 +183,7 @@ def prepare(store: Store, job_id: int, config: RetrainConfig) -> TrainingSpec:
     spec = TrainingSpec(
         model_dir=config.model_dir, parent_adapter=parent_dir, train_file=train_file,
         validation_file=validation_file, output_dir=directory / "adapter", config=config.training,
+        hpo_trials=config.hpo_trials,
     )  # fmt: skip
     used = {e.id: e for e in exchanges}
     lineage = training_set.lineage

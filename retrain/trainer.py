@@ -37,7 +37,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,7 @@ class TrainingSpec:
     validation_file: Path
     output_dir: Path  # the adapter directory; must not exist yet
     config: TrainingConfig = field(default_factory=TrainingConfig)
+    hpo_trials: int = 0  # > 0: search first (retrain.hpo), then train the winner in full
 
 
 @dataclass(frozen=True)
@@ -653,6 +654,14 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = spec.output_dir
         if is_rank_zero():
             reporters.append(append_progress(progress_path(output_dir)))
+        search = None
+        if spec.hpo_trials:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise TrainingError("hpo_trials: run the search in one process, not distributed")
+            from retrain.hpo import tune  # retrain.hpo builds on this module
+
+            search = tune(spec, spec.hpo_trials)
+            spec = replace(spec, config=search.best)
         result = train(spec, _each(reporters) if is_rank_zero() else None)
     except Exception as exc:  # the process boundary: every failure becomes one recorded reason
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -662,7 +671,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retrain.trainer: {reason}", file=sys.stderr)
         return 1
     if result is not None:
-        write_json(result_path(result.adapter_dir), {"status": "succeeded", **asdict(result)})
+        hpo = {"hpo": asdict(search)} if search else {}
+        write_json(
+            result_path(result.adapter_dir), {"status": "succeeded", **asdict(result), **hpo}
+        )
     return 0
 
 

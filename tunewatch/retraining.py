@@ -75,5 +75,6 @@ def retrain_config(settings: Settings, model_dir: Path) -> RetrainConfig:
         max_examples=options.max_examples,
         validation_fraction=options.validation_fraction,
         start_delay_s=options.start_delay_s,
+        hpo_trials=options.hpo_trials,
         launcher=tuple(options.launcher) or (sys.executable,),
     )

@@ -111,6 +111,9 @@ class RetrainSettings(_Section):
     validation_fraction: float = Field(default=0.2, gt=0, lt=1)
     start_delay_s: float = Field(default=0.0, ge=0)
     threads: int = Field(default=1, ge=1, description="Torch threads of the trainer child.")
+    hpo_trials: int = Field(
+        default=0, ge=0, description="Optuna trials judged at 20% of the budget; 0: no search."
+    )
     training: dict[str, Any] = Field(
         default_factory=dict, description="retrain.trainer.TrainingConfig fields: rank, epochs..."
     )

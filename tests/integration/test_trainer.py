@@ -13,8 +13,10 @@ for the main run, depending on what else runs). Every run goes through
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, GoldenExample, load_golden_set
 from retrain.data import build_training_set, write_training_set
-from retrain.trainer import TrainingConfig, progress_path, result_path
+from retrain.hpo import tune
+from retrain.trainer import TrainingConfig, TrainingSpec, progress_path, result_path
 from serving.engine import adapter_fingerprint
 from tests.integration.realstack import Stack, make_lora_adapter
 
@@ -93,6 +96,7 @@ def run_trainer(
     parent: Path | None = None,
     launcher: tuple[str, ...] = (sys.executable,),
     timeout_s: float = 600,
+    hpo_trials: int = 0,
 ) -> Run:
     output_dir = root / "adapters" / "capitals-v1"
     spec = {
@@ -102,6 +106,7 @@ def run_trainer(
         "validation_file": str(data[1]),
         "output_dir": str(output_dir),
         "config": asdict(config),
+        "hpo_trials": hpo_trials,
     }
     spec_file = root / "spec.json"
     spec_file.write_text(json.dumps(spec))
@@ -251,3 +256,36 @@ def test_torchrun_with_two_cpu_processes_on_gloo_makes_an_adapter(model_dir: Pat
     assert result["steps"] == 2  # 8 examples, 2 per process per step
     assert (run.output_dir / "adapter_model.safetensors").is_file()
     assert result["after"]["n"] == 2  # rank 0 evaluated
+
+
+def test_a_search_of_two_trials_judged_at_a_fifth_picks_a_config_and_leaves_nothing(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the trials' adapters go
+    train_file, validation_file = tiny_data(model_dir, tmp_path)
+    output_dir = tmp_path / "adapters" / "capitals-v1"
+    config = replace(TINY_CONFIG, epochs=2)  # 8 steps: a trial stops mid-epoch, at step 2
+    spec = TrainingSpec(model_dir, None, train_file, validation_file, output_dir, config)
+    result = tune(spec, 2, seed=0)
+    assert [t.number for t in result.trials] == [0, 1]
+    assert all(t.val_loss is not None and math.isfinite(t.val_loss) for t in result.trials)
+    assert result.best in [t.config for t in result.trials]
+    assert result.best.rank <= 16 and result.best.budget_fraction == 1.0
+    assert not output_dir.parent.exists()
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_spec_with_hpo_trials_trains_the_searched_winner_and_reports_the_search(
+    model_dir: Path, tmp_path: Path
+):
+    config = replace(TINY_CONFIG, epochs=2)
+    run = run_trainer(tmp_path, model_dir, config, tiny_data(model_dir, tmp_path), hpo_trials=2)
+    assert run.returncode == 0, run.stderr
+    result = run.result
+    search = result["hpo"]
+    assert len(search["trials"]) == 2 and search["budget_fraction"] == 0.2
+    winner = next(t for t in search["trials"] if t["number"] == search["best_trial"])
+    assert result["config"]["learning_rate"] == winner["config"]["learning_rate"]
+    assert (run.output_dir / "adapter_model.safetensors").is_file()

@@ -18,9 +18,11 @@ from retrain.trainer import (
     AbortOnNonFiniteLoss,
     NonFiniteLossError,
     ReportProgress,
+    StopAtBudget,
     TrainingConfig,
     TrainingError,
     TrainingProgress,
+    budget_steps,
     configure_threads,
     load_spec,
     main,
@@ -59,6 +61,26 @@ def test_the_defaults_make_an_adapter_vllm_serves_by_default():
 def test_a_bad_config_names_every_broken_rule():
     with pytest.raises(ValueError, match=r"rank >= 1.*learning_rate > 0 and finite"):
         TrainingConfig(rank=0, learning_rate=math.nan)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.2, 1.5, math.nan])
+def test_a_budget_fraction_outside_zero_to_one_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"0 < budget_fraction <= 1"):
+        TrainingConfig(budget_fraction=fraction)
+
+
+@pytest.mark.parametrize(("total", "fraction", "steps"), [(10, 0.2, 2), (8, 0.2, 2), (3, 0.2, 1)])
+def test_a_partial_budget_is_the_nearest_whole_step_and_at_least_one(total, fraction, steps):
+    assert budget_steps(total, fraction) == steps
+
+
+def test_a_partial_budget_stops_the_run_at_its_share_of_the_full_runs_steps():
+    stop = StopAtBudget(0.25)  # of 8 steps: 2
+    control = TrainerControl()
+    stop.on_step_end(None, state(1), control)
+    assert not control.should_training_stop
+    stop.on_step_end(None, state(2), control)
+    assert control.should_training_stop
 
 
 def test_a_spec_reads_from_json_with_its_nested_config(tmp_path: Path):
