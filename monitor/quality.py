@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rouge_score import rouge_scorer, tokenizers
+from sacrebleu import sentence_chrf
 from sacrebleu.metrics import BLEU, CHRF
 
 from monitor.window import ExchangeView, Window
@@ -80,6 +82,24 @@ def score_pairs(labelled: Sequence[ExchangeView]) -> tuple[PairScore, ...]:
             rouge = {t: scores[t].fmeasure for t in ROUGE_TYPES}
         pairs.append(PairScore(e.id, normalise(response) == normalise(reference), rouge))
     return tuple(pairs)
+
+
+AnswerMetric = Literal["exact_match", "chrf", "rouge_l"]
+
+
+def answer_score(response: str, reference: str, metric: AnswerMetric) -> float:
+    """One answer's score in [0, 1]: what a paired comparison of two adapters compares.
+
+    chrF is sacrebleu's sentence chrF / 100 (it scores any script); ROUGE-L is 0 for a
+    reference rouge-score cannot tokenize (see `rouge_unscorable`).
+    """
+    if metric == "exact_match":
+        return float(normalise(response) == normalise(reference))
+    if metric == "chrf":
+        return sentence_chrf(response, [reference]).score / 100
+    if rouge_unscorable(reference):
+        return 0.0
+    return _rouge.score(reference, response)["rougeL"].fmeasure
 
 
 def quality(window: Window) -> Quality:

@@ -43,6 +43,26 @@ def read_window(
     return Window(adapter=adapter, exchanges=views)
 
 
+def exchanges_since(
+    store: Store, adapter: str, since: datetime, routes: Collection[str]
+) -> list[ExchangeView]:
+    """Every exchange of an adapter on these routes from `since` on, oldest first."""
+    with store.session() as session:
+        rows = list(
+            session.scalars(
+                select(Exchange)
+                .where(
+                    Exchange.adapter == adapter,
+                    Exchange.route.in_(tuple(routes)),
+                    Exchange.created_at >= since,
+                )
+                .order_by(Exchange.created_at)
+            )
+        )
+        feedback = _newest_feedback(session, [row.id for row in rows])
+    return [_view(row, feedback) for row in rows]
+
+
 def labelled_exchanges(
     store: Store,
     limit: int,
@@ -122,6 +142,7 @@ def _view(row: Exchange, feedback: dict[str, tuple[str | None, float | None]]) -
         status=row.status,
         reference=reference,
         rating=rating,
+        parent_id=row.parent_id,
     )
 
 

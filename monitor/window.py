@@ -27,6 +27,7 @@ class ExchangeView:
     status: str  # ok | error
     reference: str | None = None
     rating: float | None = None
+    parent_id: str | None = None  # a shadow replay: the exchange it mirrored
 
     @property
     def ok(self) -> bool:

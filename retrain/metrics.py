@@ -2,8 +2,11 @@
 
 They are exported on the monitor sidecar's /metrics, the process that runs the scheduler.
 Labels stay bounded: `job` names one of the scheduler's fixed jobs, `action` one of the
-trigger's three actions, `outcome` a job's end state.
+trigger's three actions, `outcome` a job's or rollout's end state, `adapter` a registered
+adapter, `stage`, `guard` and `side` come from fixed lists.
 """
+
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -32,3 +35,65 @@ TRAINING_RUNNING = Gauge("tunewatch_training_job_running", "1 while a training j
 TRAINING_PROGRESS = Gauge(
     "tunewatch_training_job_progress_ratio", "Steps done / total steps of the running job."
 )
+
+STAGES = ("shadow", "canary", "paused", "promoted", "rolled_back")
+ROLLOUT_STAGE = Gauge(
+    "tunewatch_rollout_stage",
+    "1 for the stage the candidate's rollout is in, 0 for the others (one-hot).",
+    ["adapter", "stage"],
+)
+CANARY_WEIGHT = Gauge(
+    "tunewatch_canary_weight_ratio", "Share of users the candidate answers.", ["adapter"]
+)
+GUARD_PASSED = Gauge(
+    "tunewatch_rollout_guard_passed",
+    "1 if the guard passed at the last look, 0 if it failed; absent while inconclusive.",
+    ["adapter", "guard"],
+)
+ROLLOUT_ENDS = Counter(
+    "tunewatch_rollouts_total", "Rollouts that ended, by outcome (promoted, rolled_back).",
+    ["outcome"],
+)  # fmt: skip
+SHADOW_AGREEMENT = Gauge(
+    "tunewatch_shadow_agreement_ratio",
+    "Mean chrF/100 between the candidate's shadow answers and the primary's.",
+    ["adapter"],
+)
+ROLLOUT_QUALITY = Gauge(
+    "tunewatch_rollout_quality_ratio",
+    "Mean paired quality score (0-1) of each side over the rollout.",
+    ["adapter", "side"],
+)
+ROLLOUT_LATENCY_P95 = Gauge(
+    "tunewatch_rollout_latency_p95_seconds",
+    "95th-percentile latency of each side over the rollout.",
+    ["adapter", "side"],
+)
+
+
+def _set(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
+    """Set the series, or remove it when there is no honest value."""
+    if value is None:
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass
+    else:
+        gauge.labels(*labels).set(value)
+
+
+def publish_rollout(adapter: str, stage: str, weight: float) -> None:
+    for each in STAGES:
+        ROLLOUT_STAGE.labels(adapter, each).set(int(each == stage))
+    CANARY_WEIGHT.labels(adapter).set(weight)
+
+
+def publish_look(adapter: str, judgement: Any, figures: dict[str, Any]) -> None:
+    """A look's figures: the guards' verdicts and the comparison behind them."""
+    for result in judgement.results:
+        verdict = {"pass": 1.0, "fail": 0.0}.get(result.verdict)
+        _set(GUARD_PASSED, (adapter, result.guard.split(" ")[0]), verdict)
+    _set(SHADOW_AGREEMENT, (adapter,), figures.get("agreement"))
+    for side in ("candidate", "primary"):
+        _set(ROLLOUT_QUALITY, (adapter, side), figures.get(f"quality_{side}"))
+        _set(ROLLOUT_LATENCY_P95, (adapter, side), figures.get(f"latency_p95_{side}"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from serving.engine import adapter_fingerprint
 from serving.store import Adapter, Event, Store
@@ -96,16 +97,21 @@ def register(
 
 
 def set_status(store: Store, name: str, status: Status, reason: str) -> AdapterVersion:
+    with store.session() as session:
+        return AdapterVersion.of(change_status(session, name, status, reason))
+
+
+def change_status(session: Session, name: str, status: Status, reason: str) -> Adapter:
+    """The status change and its event, in the caller's transaction."""
     if status not in STATUSES:
         raise RegistryError(f"status {status!r}: one of {', '.join(STATUSES)}")
-    with store.session() as session:
-        row = session.get(Adapter, name)
-        if row is None:
-            raise RegistryError(f"no adapter named {name!r}")
-        previous, row.status = row.status, status
-        session.add(Event(kind="adapter.status", subject=name, reason=reason,
-                          data={"from": previous, "to": status}))  # fmt: skip
-        return AdapterVersion.of(row)
+    row = session.get(Adapter, name)
+    if row is None:
+        raise RegistryError(f"no adapter named {name!r}")
+    previous, row.status = row.status, status
+    session.add(Event(kind="adapter.status", subject=name, reason=reason,
+                      data={"from": previous, "to": status}))  # fmt: skip
+    return row
 
 
 def versions(store: Store) -> list[AdapterVersion]:

@@ -201,6 +201,21 @@ class Rollout(Base):
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the settings it runs under
 
 
+class RolloutCommand(Base):
+    """What a person asked of the rollouts (CLI or admin API); the controller carries it out."""
+
+    __tablename__ = "rollout_commands"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    command: Mapped[str] = mapped_column(String(16))  # start | pause | resume | promote | rollback
+    adapter: Mapped[str | None] = mapped_column(String(128))  # the candidate, for start
+    by: Mapped[str] = mapped_column(String(64))  # who asked: cli, admin api
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|done|refused
+    result: Mapped[str | None] = mapped_column(Text)  # what came of it, for people
+    rollout_id: Mapped[int | None] = mapped_column(Integer)
+
+
 class DriftCheck(Base):
     """One drift check of one adapter's window: what the retrain trigger judges, check by check."""
 
@@ -241,6 +256,12 @@ class AdapterRecord:
     path: str
     fingerprint: str
     loaded: bool
+
+
+def add_routing_change(session: Session, table: RoutingTable, reason: str) -> None:
+    """A new routing table in force, in the caller's transaction (with what else changes)."""
+    session.add(RoutingChange(table=table.as_dict(), reason=reason))
+    session.add(Event(kind="routing.changed", reason=reason, data=table.as_dict()))
 
 
 class UnknownExchangeError(LookupError):
@@ -372,8 +393,7 @@ class Store:
 
     def set_routing_table(self, table: RoutingTable, reason: str) -> None:
         with self.session() as session:
-            session.add(RoutingChange(table=table.as_dict(), reason=reason))
-            session.add(Event(kind="routing.changed", reason=reason, data=table.as_dict()))
+            add_routing_change(session, table, reason)
 
     # drift checks
 

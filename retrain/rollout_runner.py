@@ -1,0 +1,471 @@
+"""The rollout job: each tick, carries out what people asked, starts the next candidate, and
+looks once at the rollout in progress: gathers its evidence from the store, asks
+`rollout.decide`, and applies the transition.
+
+The evidence, all of it since the rollout started (the guards' confidence sequences are
+valid over every look only on the whole stream):
+- quality, paired on the same prompts: a shadow replay against the primary answer it
+  mirrored, where that exchange got a reference (feedback); and golden runs, the candidate's
+  answer against the primary's to the same golden prompt (a golden run of both is started
+  when the rollout starts). Scores per answer from monitor.quality (`metric`, in [0, 1]).
+  Unpaired live canary answers are not compared: different users ask different questions.
+- latency and errors: the candidate's shadow and canary answers against the primary's.
+- agreement: chrF between the candidate's shadow answer and the primary's, reported (and
+  exported) as a figure, never judged: a better adapter disagrees too.
+
+Applying a transition is one transaction: the rollout row, the routing table, the adapters'
+statuses and its event, so no reader ever sees half of it. The engine is told afterwards:
+the candidate is loaded before the rollout starts (an adapter vLLM refuses fails the start,
+and is marked failed, before any routing changes); an adapter leaving the routing table (a
+rolled-back candidate, a retired primary) is marked unloaded at once, so no gateway reloads
+it, and unloaded from vLLM only `drain_s` later, once every gateway has re-read the routing
+table and its in-flight requests are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from monitor.quality import AnswerMetric, answer_score, normalise
+from monitor.traffic import exchanges_since
+from monitor.window import ExchangeView
+from retrain import metrics, rollout_control
+from retrain.guards import Evidence, judge
+from retrain.registry import change_status
+from retrain.rollout import (
+    FINISHED,
+    Observation,
+    RolloutConfig,
+    RolloutRefusal,
+    RolloutState,
+    Transition,
+    command,
+    decide,
+    start,
+)
+from retrain.rollout_control import CommandView, config_from_dict, config_to_dict
+from serving.engine import EngineClient, EngineUnavailableError, InvalidAdapterError
+from serving.exchange import BASE_LABEL
+from serving.routing import RoutingTable
+from serving.store import (
+    Adapter,
+    ControllerState,
+    Event,
+    Rollout,
+    Store,
+    add_routing_change,
+)
+
+log = logging.getLogger(__name__)
+
+UNLOADS = "rollout.unloads"  # controller_state: adapters to unload from vLLM, and when
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    metric: AnswerMetric = "chrf"
+    auto_start: bool = True  # roll out every new candidate, oldest first
+    drain_s: float = 15.0  # between leaving the routing table and leaving vLLM
+
+
+@dataclass(frozen=True)
+class Gathered:
+    evidence: Evidence
+    stage_samples: int
+    figures: dict[str, Any]
+
+
+def gather(
+    store: Store, row: Rollout, state: RolloutState, metric: AnswerMetric,
+    score: Callable[[str, str], float],
+) -> Gathered:  # fmt: skip
+    """The rollout's evidence from the store (see the module doc)."""
+    primary_label = row.baseline or BASE_LABEL
+    candidate = exchanges_since(
+        store, row.candidate, row.created_at, ("shadow", "canary", "golden")
+    )
+    primary = exchanges_since(store, primary_label, row.created_at, ("primary", "golden"))
+    by_id = {e.id: e for e in primary}
+    shadow = [e for e in candidate if e.route == "shadow"]
+    mirrored = [(e, by_id[e.parent_id]) for e in shadow if e.parent_id in by_id]
+    pairs = [
+        (score(c.response or "", p.reference or ""), score(p.response or "", p.reference or ""))
+        for c, p in mirrored
+        if c.ok and p.ok and p.reference is not None
+    ]
+    pairs += _golden_pairs(candidate, primary, score)
+    agreement = [
+        answer_score(c.response or "", p.response or "", "chrf")
+        for c, p in mirrored
+        if c.ok and p.ok
+    ]
+    served = [e for e in candidate if e.route in ("shadow", "canary")]
+    answered = [e for e in primary if e.route == "primary"]
+    evidence = Evidence(
+        quality_candidate=[c for c, _ in pairs], quality_primary=[p for _, p in pairs],
+        paired_quality=True,
+        latency_candidate=[e.latency_seconds for e in served if e.ok],
+        latency_primary=[e.latency_seconds for e in answered if e.ok],
+        errors_candidate=[float(not e.ok) for e in served],
+        errors_primary=[float(not e.ok) for e in answered],
+    )  # fmt: skip
+    route = "shadow" if state.stage == "shadow" else "canary"
+    stage_samples = sum(
+        1 for e in served if e.route == route and e.created_at >= state.stage_started_at
+    )
+    figures = {
+        "metric": metric,
+        "quality_pairs": len(pairs),
+        "quality_candidate": _mean([c for c, _ in pairs]),
+        "quality_primary": _mean([p for _, p in pairs]),
+        "shadow_pairs": len(mirrored),
+        "agreement": _mean(agreement),
+        "latency_p95_candidate": _p95([e.latency_seconds for e in served if e.ok]),
+        "latency_p95_primary": _p95([e.latency_seconds for e in answered if e.ok]),
+        "candidate_answers": len(served),
+        "primary_answers": len(answered),
+    }
+    return Gathered(evidence, stage_samples, figures)
+
+
+def _golden_pairs(
+    candidate: list[ExchangeView], primary: list[ExchangeView], score: Callable[[str, str], float]
+) -> list[tuple[float, float]]:
+    """The two adapters' golden answers to the same prompt, matched in the order asked."""
+    asked: dict[str, list[ExchangeView]] = {}
+    for e in primary:
+        if e.route == "golden" and e.ok and e.reference is not None:
+            asked.setdefault(normalise(e.prompt), []).append(e)
+    pairs = []
+    for e in candidate:
+        if e.route == "golden" and e.ok and e.reference is not None:
+            waiting = asked.get(normalise(e.prompt))
+            if waiting:
+                p = waiting.pop(0)
+                pairs.append(
+                    (
+                        score(e.response or "", e.reference),
+                        score(p.response or "", p.reference or ""),
+                    )
+                )
+    return pairs
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _p95(values: list[float]) -> float | None:
+    return float(np.percentile(values, 95)) if values else None
+
+
+def routing_for(state: RolloutState, row: Rollout, config: RolloutConfig) -> RoutingTable:
+    """The routing table a rollout in this state stands for."""
+    stage = state.paused_from[0] if state.stage == "paused" and state.paused_from else state.stage
+    if stage == "shadow":
+        return RoutingTable(primary=row.baseline, shadow=row.candidate,
+                            shadow_fraction=config.shadow_fraction)  # fmt: skip
+    if stage == "canary":
+        return RoutingTable(primary=row.baseline, canary=row.candidate,
+                            canary_weight=state.weight(config))  # fmt: skip
+    if stage == "promoted":
+        return RoutingTable(primary=row.candidate)
+    return RoutingTable(primary=row.baseline)
+
+
+class RolloutRunner:
+    """The scheduler's rollout job, with the engine it loads and unloads adapters on."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: EngineClient,
+        config: RunnerConfig,
+        *,
+        golden: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store, self.engine, self.config = store, engine, config
+        self.golden = golden  # a golden run of every routed adapter (the monitor's)
+        self._scores: dict[tuple[str, str], float] = {}  # (answer, reference) -> score
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def tick(self) -> None:
+        await self._unload_drained()
+        for request in await asyncio.to_thread(rollout_control.pending, self.store):
+            await self._carry_out(request)
+        active = await asyncio.to_thread(rollout_control.active_rollout, self.store)
+        if active is None:
+            if self.config.auto_start:
+                candidate = await asyncio.to_thread(self._next_candidate)
+                if candidate is not None:
+                    try:
+                        await self.start(candidate, by="auto", reason="a new candidate")
+                    except (
+                        RolloutRefusal
+                    ) as exc:  # recorded where it matters; the next tick retries
+                        log.warning("rollout not started: %s", exc, extra={"adapter": candidate})
+            return
+        await asyncio.to_thread(self.look, active.id)
+
+    def _next_candidate(self) -> str | None:
+        with self.store.session() as session:
+            query = (
+                select(Adapter.name)
+                .where(Adapter.status == "candidate")
+                .order_by(Adapter.created_at)
+                .limit(1)
+            )
+            name = session.scalar(query)
+        if name is None or rollout_control.start_refusal(self.store, name):
+            return None
+        return name
+
+    # starting
+
+    async def start(self, adapter: str, *, by: str, reason: str) -> int:
+        """Load the candidate and start its rollout in shadow; RolloutRefusal says why not."""
+        refusal = await asyncio.to_thread(rollout_control.start_refusal, self.store, adapter)
+        if refusal:
+            raise RolloutRefusal(refusal)
+        with self.store.session() as session:
+            path = session.get(Adapter, adapter).path  # type: ignore[union-attr]
+        try:
+            await self.engine.load_adapter(adapter, path)
+        except InvalidAdapterError as exc:
+            why = f"the engine refused to load it: {exc}"
+            await asyncio.to_thread(self._refuse_start, adapter, why)
+            raise RolloutRefusal(why) from None
+        except EngineUnavailableError as exc:
+            raise RolloutRefusal(f"the engine is unavailable, try again: {exc}") from None
+        rollout_id = await asyncio.to_thread(self._begin, adapter, by, reason)
+        if self.golden is not None:
+            task = asyncio.create_task(self._golden_run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return rollout_id
+
+    def _refuse_start(self, adapter: str, why: str) -> None:
+        with self.store.session() as session:
+            change_status(session, adapter, "failed", why)
+            session.add(Event(kind="rollout.refused", subject=adapter, reason=why))
+
+    def _begin(self, adapter: str, by: str, reason: str) -> int:
+        now = datetime.now(UTC)
+        config = self.config.rollout
+        state = start(now)
+        primary = (self.store.routing_table() or RoutingTable()).primary
+        with self.store.session() as session:
+            row = Rollout(
+                candidate=adapter, baseline=primary, stage=state.stage, step=state.step,
+                stage_started_at=now, created_at=now, config=config_to_dict(config),
+                state={"machine": state.to_dict()},
+                reason=f"started ({by}): {reason}; shadow at {config.shadow_fraction:.0%}",
+            )  # fmt: skip
+            session.add(row)
+            session.flush()
+            table = routing_for(state, row, config)
+            add_routing_change(session, table, f"rollout {row.id}: {adapter} in shadow")
+            candidate = change_status(session, adapter, "shadow", f"rollout {row.id} started")
+            candidate.loaded = True
+            session.add(Event(
+                kind="rollout.started", subject=f"rollout-{row.id}", reason=row.reason,
+                data={"candidate": adapter, "baseline": primary, "by": by, "stage": "shadow",
+                      "step": -1, "weight": 0.0, "config": row.config},
+            ))  # fmt: skip
+            rollout_id = row.id
+        metrics.publish_rollout(adapter, state.stage, 0.0)
+        log.info("rollout started", extra={"rollout": rollout_id, "candidate": adapter})
+        return rollout_id
+
+    async def _golden_run(self) -> None:
+        try:
+            assert self.golden is not None
+            await self.golden()
+        except Exception:
+            log.exception("golden run at the start of a rollout failed")
+
+    # looking and moving
+
+    def _score(self, answer: str, reference: str) -> float:
+        key = (answer, reference)
+        if key not in self._scores:
+            self._scores[key] = answer_score(answer, reference, self.config.metric)
+        return self._scores[key]
+
+    def look(self, rollout_id: int) -> Transition:
+        """One look at the rollout: decide on its evidence, apply, record."""
+        with self.store.session() as session:
+            row = session.get(Rollout, rollout_id)
+            assert row is not None
+            session.expunge(row)
+        config = config_from_dict(row.config)
+        state = RolloutState.from_dict(row.state["machine"])
+        gathered = gather(self.store, row, state, self.config.metric, self._score)
+        judgement = judge(gathered.evidence, config.guards)
+        now = datetime.now(UTC)
+        transition = decide(config, state, Observation(now, gathered.stage_samples, judgement))
+        transition = replace(transition, figures={**transition.figures, **gathered.figures})
+        metrics.publish_look(row.candidate, judgement, gathered.figures)
+        if transition.action == "none":
+            self._note(rollout_id, transition)
+        else:
+            self.apply(rollout_id, transition, by="auto")
+        return transition
+
+    def _note(self, rollout_id: int, transition: Transition) -> None:
+        """A look that moved nothing: kept on the row (what `status` shows), not an event."""
+        with self.store.session() as session:
+            row = session.get(Rollout, rollout_id)
+            assert row is not None
+            row.state = {
+                **row.state,
+                "look": _json(transition.figures),
+                "waiting": transition.reason,
+            }
+
+    def apply(self, rollout_id: int, transition: Transition, *, by: str) -> None:
+        """The transition in one transaction: rollout row, routing, statuses, unloads, event."""
+        now = datetime.now(UTC)
+        with self.store.session() as session:
+            row = session.get(Rollout, rollout_id)
+            assert row is not None
+            config = config_from_dict(row.config)
+            before = RolloutState.from_dict(row.state["machine"])
+            after = transition.state
+            row.stage, row.step, row.stage_started_at = (
+                after.stage,
+                after.step,
+                after.stage_started_at,
+            )
+            row.reason = transition.reason
+            row.state = {"machine": after.to_dict(), "look": _json(transition.figures)}
+            if after.stage in FINISHED:
+                row.finished_at = now
+            table, old = routing_for(after, row, config), routing_for(before, row, config)
+            if table != old or after.stage in FINISHED:
+                add_routing_change(session, table, f"rollout {rollout_id}: {transition.reason}")
+            self._statuses(session, row, before, after, transition.reason, now)
+            session.add(Event(
+                kind=f"rollout.{_past(transition.action)}", subject=f"rollout-{rollout_id}",
+                reason=transition.reason,
+                data={**_json(transition.figures), "by": by, "candidate": row.candidate,
+                      "baseline": row.baseline, "stage": after.stage, "step": after.step,
+                      "weight": after.weight(config)},
+            ))  # fmt: skip
+            candidate = row.candidate
+        metrics.publish_rollout(candidate, after.stage, after.weight(config))
+        if transition.action in ("promote", "rollback"):
+            metrics.ROLLOUT_ENDS.labels(
+                "promoted" if transition.action == "promote" else "rolled_back"
+            ).inc()
+        log.info("rollout %s: %s", _past(transition.action), transition.reason,
+                 extra={"rollout": rollout_id})  # fmt: skip
+
+    def _statuses(
+        self, session: Any, row: Rollout, before: RolloutState, after: RolloutState, reason: str,
+        now: datetime,
+    ) -> None:  # fmt: skip
+        why = f"rollout {row.id}: {reason}"
+        if after.stage == "canary" and before.stage != "canary":
+            change_status(session, row.candidate, "canary", why)
+        elif after.stage == "promoted":
+            change_status(session, row.candidate, "primary", why)
+            if row.baseline is not None:
+                change_status(session, row.baseline, "retired", why)
+                self._drain(session, row.baseline, now)
+        elif after.stage == "rolled_back":
+            change_status(session, row.candidate, "failed", why)
+            self._drain(session, row.candidate, now)
+
+    def _drain(self, session: Any, adapter: str, now: datetime) -> None:
+        """Out of the store's loaded set now; out of vLLM after `drain_s`."""
+        session.get(Adapter, adapter).loaded = False
+        state = session.get(ControllerState, UNLOADS)
+        due = (now + timedelta(seconds=self.config.drain_s)).isoformat()
+        entry = {"adapter": adapter, "after": due}
+        if state is None:
+            session.add(ControllerState(name=UNLOADS, state={"pending": [entry]}))
+        else:
+            state.state = {"pending": [*state.state.get("pending", []), entry]}
+
+    async def _unload_drained(self) -> None:
+        pending = (await asyncio.to_thread(self.store.load_state, UNLOADS) or {}).get("pending", [])
+        now, kept = datetime.now(UTC), []
+        for entry in pending:
+            if datetime.fromisoformat(entry["after"]) > now:
+                kept.append(entry)
+                continue
+            try:
+                await self.engine.unload_adapter(entry["adapter"])
+            except EngineUnavailableError:
+                kept.append(entry)  # the next tick tries again
+                continue
+            await asyncio.to_thread(
+                self.store.record_event, "adapter.unloaded", "drained after its rollout",
+                entry["adapter"],
+            )  # fmt: skip
+        if len(kept) != len(pending):
+            await asyncio.to_thread(self.store.save_state, UNLOADS, {"pending": kept})
+
+    # people
+
+    async def _carry_out(self, request: CommandView) -> None:
+        try:
+            if request.command == "start":
+                assert request.adapter is not None
+                rollout_id = await self.start(request.adapter, by=request.by,
+                                              reason=f"asked by {request.by}")  # fmt: skip
+                result = f"rollout {rollout_id} of {request.adapter} started in shadow"
+            else:
+                rollout_id, result = await asyncio.to_thread(self._command, request)
+        except RolloutRefusal as exc:
+            await asyncio.to_thread(rollout_control.settle, self.store, request.id, "refused",
+                                    str(exc), request.rollout_id)  # fmt: skip
+            return
+        await asyncio.to_thread(rollout_control.settle, self.store, request.id, "done", result,
+                                rollout_id)  # fmt: skip
+
+    def _command(self, request: CommandView) -> tuple[int, str]:
+        active = rollout_control.active_rollout(self.store)
+        if active is None:
+            raise RolloutRefusal(f"no rollout is in progress: nothing to {request.command}")
+        with self.store.session() as session:
+            row = session.get(Rollout, active.id)
+            assert row is not None
+            state, config = (
+                RolloutState.from_dict(row.state["machine"]),
+                config_from_dict(row.config),
+            )
+        transition = command(config, state, request.command, datetime.now(UTC))  # type: ignore[arg-type]
+        self.apply(active.id, transition, by=request.by)
+        return active.id, transition.reason
+
+
+def _past(action: str) -> str:
+    return {"advance": "advanced", "promote": "promoted", "rollback": "rolled_back",
+            "pause": "paused", "resume": "resumed"}.get(action, action)  # fmt: skip
+
+
+def _json(figures: dict[str, Any]) -> dict[str, Any]:
+    """Figures as JSON takes them: no NaN or infinity."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(figures)

@@ -1,0 +1,237 @@
+"""The rollout job on a fake engine: start, looks, promotion, rollback, people's commands."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from retrain import rollout_control
+from retrain.guards import GuardConfig
+from retrain.registry import register, set_status, versions
+from retrain.rollout import RolloutConfig, RolloutRefusal
+from retrain.rollout_runner import RolloutRunner, RunnerConfig
+from serving.engine import EngineClient
+from serving.routing import RoutingTable
+from serving.store import Store
+from tests.unit.conftest import ENGINE_URL, FakeEngine, write_adapter
+from tests.unit.views import exchange_record
+
+FAST = RunnerConfig(
+    rollout=RolloutConfig(
+        shadow_min_pairs=5, step_min_samples=3, stage_min_s=0.0, stage_deadline_s=600.0,
+        guards=GuardConfig(min_samples=20),
+    ),
+    metric="exact_match",
+    drain_s=0.0,
+)  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'rollout.db'}")
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def runner(store: Store, engine: FakeEngine) -> RolloutRunner:
+    return RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), FAST)
+
+
+@pytest.fixture
+def candidate(store: Store, tmp_path: Path) -> str:
+    return register(store, "support", write_adapter(tmp_path / "c", b"c"), reason="trained").name
+
+
+def traffic(store: Store, candidate: str, route: str, n: int, *, fail: bool = False) -> None:
+    """n primary answers, each mirrored or mirrored-by-canary on the candidate, labelled."""
+    rows = []
+    for _ in range(n):
+        now, primary_id = datetime.now(UTC), uuid.uuid4().hex
+        rows.append(exchange_record(0, id=primary_id, created_at=now, response="Paris",
+                                    latency_seconds=random.lognormvariate(0, 0.3)))  # fmt: skip
+        rows.append(exchange_record(
+            0, id=uuid.uuid4().hex, adapter=candidate, route=route, created_at=now,
+            parent_id=primary_id if route == "shadow" else None, response="Paris",
+            status="error" if fail else "ok", latency_seconds=random.lognormvariate(0, 0.3),
+        ))  # fmt: skip
+    store.record_exchanges(rows)
+    for row in rows[::2]:
+        store.add_feedback(row["id"], "Paris", None)
+
+
+def status_of(store: Store, name: str) -> str:
+    return next(v.status for v in versions(store) if v.name == name)
+
+
+def tick(runner: RolloutRunner) -> None:
+    asyncio.run(runner.tick())
+
+
+def test_a_new_candidate_is_loaded_and_started_in_shadow(
+    runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
+):
+    tick(runner)
+    active = rollout_control.active_rollout(store)
+    assert active is not None and (active.candidate, active.stage) == (candidate, "shadow")
+    assert candidate in engine.loaded
+    assert store.routing_table() == RoutingTable(shadow=candidate, shadow_fraction=0.5)
+    assert status_of(store, candidate) == "shadow"
+    [started] = store.events(kind="rollout.started")
+    assert started.subject == f"rollout-{active.id}" and started.data["candidate"] == candidate
+
+
+def test_an_adapter_the_engine_refuses_fails_the_start_and_routes_nothing(
+    runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
+):
+    engine.lists_loaded_adapters = False  # vLLM accepts the load but never serves it
+    tick(runner)
+    assert rollout_control.active_rollout(store) is None
+    assert status_of(store, candidate) == "failed"
+    assert store.routing_table() is None
+    [refused] = store.events(kind="rollout.refused")
+    assert "does not list it" in refused.reason
+
+
+def test_a_good_candidate_goes_through_every_step_to_primary(
+    runner: RolloutRunner, store: Store, candidate: str
+):
+    tick(runner)
+    traffic(store, candidate, "shadow", 25)
+    tick(runner)
+    stages = []
+    for _ in FAST.rollout.steps:
+        active = rollout_control.active_rollout(store)
+        assert active is not None
+        stages.append((active.stage, active.weight))
+        traffic(store, candidate, "canary", 5)
+        tick(runner)
+    assert stages == [("canary", 0.05), ("canary", 0.25), ("canary", 0.5), ("canary", 1.0)]
+    assert rollout_control.active_rollout(store) is None
+    assert store.routing_table() == RoutingTable(primary=candidate)
+    assert status_of(store, candidate) == "primary"
+    kinds = [e.kind for e in reversed(store.events(kind_prefix="rollout.", limit=20))]
+    assert kinds == ["rollout.started", *["rollout.advanced"] * 4, "rollout.promoted"]
+
+
+def test_too_few_answers_wait_and_say_what_is_missing(
+    runner: RolloutRunner, store: Store, candidate: str
+):
+    tick(runner)
+    traffic(store, candidate, "shadow", 2)
+    tick(runner)
+    active = rollout_control.active_rollout(store)
+    assert active is not None and active.stage == "shadow"
+    assert "waiting: 2 of 5 mirrored answers" in active.reason
+
+
+def test_a_candidate_that_fails_every_request_is_rolled_back_and_drained(
+    runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
+):
+    tick(runner)
+    traffic(store, candidate, "shadow", 40, fail=True)
+    tick(runner)  # the look rolls back; the drain is due at once (drain_s 0)
+    assert rollout_control.active_rollout(store) is None
+    assert store.routing_table() == RoutingTable()
+    assert status_of(store, candidate) == "failed"
+    [rolled] = store.events(kind="rollout.rolled_back")
+    assert "error rate candidate 100.00%" in rolled.reason and "-> roll back" in rolled.reason
+    tick(runner)
+    assert candidate not in engine.loaded
+    assert store.events(kind="adapter.unloaded")[0].subject == candidate
+
+
+def test_promotion_retires_the_old_primary_and_unloads_it(
+    runner: RolloutRunner, store: Store, engine: FakeEngine, tmp_path: Path
+):
+    old = register(store, "support", write_adapter(tmp_path / "old", b"old"), reason="v1").name
+    set_status(store, old, "primary", "promoted earlier")
+    engine.loaded.add(old)
+    store.set_routing_table(RoutingTable(primary=old), reason="earlier")
+    new = register(store, "support", write_adapter(tmp_path / "new", b"new"), reason="v2").name
+    tick(runner)
+    request = rollout_control.request(store, "promote", by="cli")
+    tick(runner)
+    assert rollout_control.get_command(store, request.id).status == "done"
+    assert store.routing_table() == RoutingTable(primary=new)
+    assert (status_of(store, old), status_of(store, new)) == ("retired", "primary")
+    tick(runner)
+    assert old not in engine.loaded and new in engine.loaded
+
+
+def test_a_person_can_pause_resume_and_roll_back(
+    runner: RolloutRunner, store: Store, candidate: str
+):
+    tick(runner)
+    pause = rollout_control.request(store, "pause", by="cli")
+    tick(runner)
+    assert rollout_control.active_rollout(store).stage == "paused"
+    assert store.routing_table() == RoutingTable(shadow=candidate, shadow_fraction=0.5)
+    with pytest.raises(RolloutRefusal, match="already paused"):
+        rollout_control.request(store, "pause", by="cli")
+    rollout_control.request(store, "resume", by="cli")
+    tick(runner)
+    assert rollout_control.active_rollout(store).stage == "shadow"
+    rollout_control.request(store, "rollback", by="admin api")
+    tick(runner)
+    assert rollout_control.get_command(store, pause.id).result.endswith("paused by hand")
+    assert status_of(store, candidate) == "failed"
+    with pytest.raises(RolloutRefusal, match="no rollout is in progress"):
+        rollout_control.request(store, "promote", by="cli")
+
+
+def test_one_rollout_at_a_time_and_only_candidates(
+    store: Store, engine: FakeEngine, candidate: str, tmp_path: Path
+):
+    by_hand = replace(FAST, auto_start=False)
+    runner = RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), by_hand)
+    rollout_control.request(store, "start", adapter=candidate, by="cli")
+    tick(runner)
+    other = register(store, "other", write_adapter(tmp_path / "o", b"o"), reason="x").name
+    with pytest.raises(RolloutRefusal, match="one rollout at a time"):
+        rollout_control.request(store, "start", adapter=other, by="cli")
+    rollout_control.request(store, "rollback", by="cli")
+    tick(runner)
+    with pytest.raises(RolloutRefusal, match="is failed: only a candidate"):
+        rollout_control.request(store, "start", adapter=candidate, by="cli")
+    with pytest.raises(RolloutRefusal, match="no adapter named 'ghost'"):
+        rollout_control.request(store, "start", adapter="ghost", by="cli")
+
+
+def test_a_restarted_controller_resumes_the_rollout_where_it_stood(
+    store: Store, engine: FakeEngine, candidate: str
+):
+    first = RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), FAST)
+    tick(first)
+    traffic(store, candidate, "shadow", 25)
+    tick(first)
+    traffic(store, candidate, "canary", 5)
+    tick(first)
+    before = rollout_control.active_rollout(store)
+    routing = store.routing_table()
+    assert (before.stage, before.weight) == ("canary", 0.25)
+    second = RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), FAST)
+    tick(second)  # nothing new to see: it stays where the first left it
+    after = rollout_control.active_rollout(store)
+    assert (after.id, after.stage, after.weight) == (before.id, "canary", 0.25)
+    assert store.routing_table() == routing
+
+
+def test_a_new_candidate_waits_for_the_rollout_in_progress_then_starts_by_itself(
+    runner: RolloutRunner, store: Store, candidate: str, tmp_path: Path
+):
+    tick(runner)
+    later = register(store, "support", write_adapter(tmp_path / "l", b"l"), reason="x").name
+    rollout_control.request(store, "rollback", by="cli")
+    tick(runner)  # the rollback, then the next candidate in line
+    active = rollout_control.active_rollout(store)
+    assert active is not None and active.candidate == later
