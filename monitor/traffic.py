@@ -36,7 +36,7 @@ def read_window(
                 .limit(size)
             )
         )
-        feedback = _newest_feedback(session, [row.id for row in rows])
+        feedback = newest_feedback(session, [row.id for row in rows])
     if newest:
         rows.reverse()
     views = tuple(_view(row, feedback) for row in rows)
@@ -59,7 +59,7 @@ def exchanges_since(
                 .order_by(Exchange.created_at)
             )
         )
-        feedback = _newest_feedback(session, [row.id for row in rows])
+        feedback = newest_feedback(session, [row.id for row in rows])
     return [_view(row, feedback) for row in rows]
 
 
@@ -98,7 +98,7 @@ def labelled_exchanges(
         ids = list(session.scalars(query))
         found = session.scalars(select(Exchange).where(Exchange.id.in_(ids)))
         rows = {row.id: row for row in found}
-        feedback = _newest_feedback(session, ids)
+        feedback = newest_feedback(session, ids)
     return [_view(rows[i], feedback) for i in ids]
 
 
@@ -146,7 +146,7 @@ def _view(row: Exchange, feedback: dict[str, tuple[str | None, float | None]]) -
     )
 
 
-def _newest_feedback(
+def newest_feedback(
     session, exchange_ids: list[str]
 ) -> dict[str, tuple[str | None, float | None]]:
     """Per exchange: the newest reference and the newest rating (posted separately or together)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -363,8 +363,10 @@ def _bearer(request: Request) -> str | None:
 def create_app(
     gateway: Gateway,
     lifespan_hooks: list[Callable[[], Awaitable[Any]]] | None = None,
+    admin_routers: list[APIRouter] | None = None,
 ) -> FastAPI:
-    """The FastAPI app around one Gateway. `lifespan_hooks` start extra background work."""
+    """The FastAPI app around one Gateway. `lifespan_hooks` start extra background work;
+    `admin_routers` add admin endpoints (behind the admin token) from the packages above."""
     config = gateway.config
 
     @asynccontextmanager
@@ -513,4 +515,6 @@ def create_app(
                               code="adapter_not_found") from None  # fmt: skip
         return table
 
+    for router in admin_routers or []:
+        app.include_router(router, dependencies=admin)
     return app

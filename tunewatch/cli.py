@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from monitor.goldens import GoldenSetError
-from retrain.registry import versions
+from retrain.registry import RegistryError, register, versions
+from serving.engine import InvalidAdapterError
 from serving.model import ModelNotFoundError
 from serving.routing import RoutingTable
 from serving.store import SchemaMismatchError, Store
@@ -34,6 +35,12 @@ model_app = typer.Typer(help="The model on disk.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 drift_app = typer.Typer(help="Drift detection.", no_args_is_help=True)
 app.add_typer(drift_app, name="drift")
+adapters_app = typer.Typer(help="Adapter versions.")
+app.add_typer(adapters_app, name="adapters")
+rollout_app = typer.Typer(
+    help="Rollouts of candidate adapters: shadow, canary steps, promotion.", no_args_is_help=True
+)
+app.add_typer(rollout_app, name="rollout")
 
 console = Console(stderr=True)
 
@@ -157,9 +164,11 @@ def status(config: ConfigOption = None) -> None:
     Console().print(table)
 
 
-@app.command()
-def adapters(config: ConfigOption = None) -> None:
+@adapters_app.callback(invoke_without_command=True)
+def adapters(ctx: typer.Context, config: ConfigOption = None) -> None:
     """List every adapter version: status, parent, training job and metrics."""
+    if ctx.invoked_subcommand is not None:
+        return
     settings = _settings(config)
     table = Table(title="adapters")
     for column in ("name", "status", "loaded", "parent", "job", "created", "metrics"):
@@ -172,6 +181,123 @@ def adapters(config: ConfigOption = None) -> None:
             ", ".join(f"{k}={v:.3g}" for k, v in version.metrics.items()) or "-",
         )  # fmt: skip
     Console().print(table)
+
+
+@adapters_app.command("add")
+def adapters_add(
+    path: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory.")],
+    family: Annotated[str, typer.Option(help="Versions are named FAMILY-vN.")],
+    config: ConfigOption = None,
+) -> None:
+    """Register an adapter trained elsewhere as a candidate (the rollout picks it up)."""
+    settings = _settings(config)
+    try:
+        version = register(_store(settings), family, path, reason="added by hand")
+    except (InvalidAdapterError, RegistryError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"{version.name}: registered as a candidate ({version.path})")
+
+
+def _rollout_request(config: Path | None, command: str, adapter: str | None = None) -> None:
+    """One code path with the admin API: check, queue, and follow to the outcome."""
+    from retrain import rollout_control
+    from retrain.rollout import RolloutRefusal
+
+    store = _store(_settings(config))
+    try:
+        queued = rollout_control.request(store, command, adapter=adapter, by="cli")
+    except RolloutRefusal as exc:
+        console.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(1) from None
+    with console.status(f"{command}: waiting for the controller (tunewatch monitor)..."):
+        outcome = rollout_control.wait(store, queued.id, timeout_s=60)
+    if outcome.status == "pending":
+        console.print(
+            f"{command} is queued (command {outcome.id}); the controller carries it out on its "
+            "next tick: is `tunewatch monitor` (or `tunewatch up`) running?"
+        )
+    elif outcome.status == "refused":
+        console.print(f"[red]refused:[/red] {outcome.result}")
+        raise typer.Exit(1)
+    else:
+        console.print(outcome.result)
+
+
+@rollout_app.command("status")
+def rollout_status(config: ConfigOption = None) -> None:
+    """The rollout in progress (stage, weight, what it waits for, the guards) and past ones."""
+    from retrain import rollout_control
+
+    store = _store(_settings(config))
+    table = Table(title="rollouts")
+    for column in ("id", "candidate", "against", "stage", "weight", "started", "latest"):
+        table.add_column(column, overflow="fold")
+    for view in rollout_control.rollouts(store):
+        table.add_row(
+            str(view.id), view.candidate, view.baseline or "base", view.stage,
+            f"{view.weight:.0%}", view.created_at.strftime("%Y-%m-%d %H:%M:%S"), view.reason,
+        )  # fmt: skip
+    Console().print(table)
+    active = rollout_control.active_rollout(store)
+    guards = (active.look.get("guards") or {}) if active else {}
+    for name, result in guards.items():
+        console.print(f"  {name}: {result['verdict']}: {result['reason']}")
+
+
+@rollout_app.command("start")
+def rollout_start(
+    adapter: Annotated[str, typer.Argument(help="The registered candidate.")],
+    config: ConfigOption = None,
+) -> None:
+    """Start rolling a candidate out: shadow first, then the canary steps."""
+    _rollout_request(config, "start", adapter)
+
+
+@rollout_app.command("pause")
+def rollout_pause(config: ConfigOption = None) -> None:
+    """Hold the rollout where it is (routing unchanged) until resumed."""
+    _rollout_request(config, "pause")
+
+
+@rollout_app.command("resume")
+def rollout_resume(config: ConfigOption = None) -> None:
+    """Resume a paused rollout where it stood."""
+    _rollout_request(config, "resume")
+
+
+@rollout_app.command("promote")
+def rollout_promote(config: ConfigOption = None) -> None:
+    """Make the candidate the primary now."""
+    _rollout_request(config, "promote")
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(config: ConfigOption = None) -> None:
+    """Send every request back to the primary now; the candidate is marked failed."""
+    _rollout_request(config, "rollback")
+
+
+@rollout_app.command("report")
+def rollout_report(
+    rollout_id: Annotated[int, typer.Argument(help="The rollout's id (tunewatch rollout status).")],
+    html: Annotated[
+        Path | None, typer.Option(help="Where to write the HTML report.", show_default=False)
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """A rollout as a table here and as an HTML page with plots, every decision marked."""
+    from retrain.report import UnknownRolloutError, build_report, render_html, render_table
+
+    store = _store(_settings(config))
+    try:
+        report = build_report(store, rollout_id)
+    except UnknownRolloutError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    Console().print(render_table(report))
+    written = render_html(report, html or Path(f"rollout-{rollout_id}.html"))
+    console.print(f"HTML report: {written}")
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """Assembles the monitor sidecar from the settings (`tunewatch monitor`, `tunewatch drift`): the
-monitor's checks and the controller's jobs (retrain trigger, training) on one scheduler.
+monitor's checks and the controller's jobs (retrain trigger, training, rollouts) on one
+scheduler.
 
 Apart from tunewatch/stack.py so that the gateway's process never imports Evidently and
 the analysis libraries (about 10 s and several hundred MB): the CLI imports this module
@@ -18,11 +19,12 @@ from monitor.embeddings import PromptEmbedder
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from monitor.sidecar import Monitor, MonitorConfig
 from retrain.jobs import TrainingRunner
+from retrain.rollout_runner import RolloutRunner
 from retrain.scheduler import PeriodicJob, Scheduler
 from retrain.trigger import Trigger
 from serving.engine import EngineClient
 from serving.store import Store
-from tunewatch.retraining import quality_signal, retrain_config, trigger_config
+from tunewatch.retraining import quality_signal, retrain_config, runner_config, trigger_config
 from tunewatch.settings import Settings, SettingsError
 from tunewatch.stack import identity_adapter_name, prepare
 
@@ -79,6 +81,12 @@ async def monitor(settings: Settings, engine_url: str) -> None:
             ),
             PeriodicJob("training", runner.tick, settings.retrain.training_interval_s),
         ]  # fmt: skip
+    if settings.rollout.enabled:
+        rollouts = RolloutRunner(
+            store, engine, runner_config(settings),
+            golden=sidecar.run_goldens if config.golden_set is not None else None,
+        )  # fmt: skip
+        jobs.append(PeriodicJob("rollout", rollouts.tick, settings.rollout.interval_s))
     start_http_server(options.port, addr=options.host)
     log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})
     try:

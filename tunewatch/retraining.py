@@ -1,4 +1,5 @@
-"""Assembles the controller's parts from the settings: the retrain trigger and training jobs.
+"""Assembles the controller's parts from the settings: the retrain trigger, training jobs and
+rollouts.
 
 Bad values are refused here, at start, with the setting's name: a typo in
 `retrain.training` must not surface hours later as a failed training job.
@@ -14,8 +15,11 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from monitor.goldens import DEFAULT_GOLDEN_SET
+from retrain.guards import GuardConfig
 from retrain.jobs import RetrainConfig
 from retrain.policy import TriggerConfig
+from retrain.rollout import RolloutConfig
+from retrain.rollout_runner import RunnerConfig
 from retrain.trainer import TrainingConfig
 from retrain.trigger import QualitySignal
 from tunewatch.settings import Settings, SettingsError
@@ -59,6 +63,26 @@ def training_config(settings: Settings) -> TrainingConfig:
             f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()
         )
         raise SettingsError(f"retrain.training: {problems}") from None
+
+
+def runner_config(settings: Settings) -> RunnerConfig:
+    options = settings.rollout
+    try:
+        guards = GuardConfig(
+            alpha=options.alpha, quality_margin=options.quality_margin,
+            latency_max_ratio=options.latency_max_ratio, error_margin=options.error_margin,
+            min_samples=options.min_samples, planned_samples=options.planned_samples,
+            quality_metric=options.metric.replace("_", " "), guards=tuple(options.guards),
+        )  # fmt: skip
+        rollout = RolloutConfig(
+            steps=tuple(options.steps), shadow_fraction=options.shadow_fraction,
+            shadow_min_pairs=options.shadow_min_pairs, step_min_samples=options.step_min_samples,
+            stage_min_s=options.stage_min_s, stage_deadline_s=options.stage_deadline_s,
+            require_pass=options.require_pass, guards=guards,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise SettingsError(f"rollout: {exc}") from None
+    return RunnerConfig(rollout, options.metric, options.auto_start, options.drain_s)
 
 
 def retrain_config(settings: Settings, model_dir: Path) -> RetrainConfig:

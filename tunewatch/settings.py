@@ -122,6 +122,32 @@ class RetrainSettings(_Section):
     )
 
 
+class RolloutSettings(_Section):
+    """Shadow, canary steps and guards (retrain/rollout.py, retrain/guards.py)."""
+
+    enabled: bool = Field(default=True, description="Run the rollout job.")
+    auto_start: bool = Field(default=True, description="Roll out every new candidate.")
+    interval_s: float = Field(default=5.0, gt=0, description="One look per interval.")
+    steps: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5, 1.0])
+    shadow_fraction: float = Field(default=0.5, gt=0, le=1)
+    shadow_min_pairs: int = Field(default=20, ge=1)
+    step_min_samples: int = Field(default=10, ge=1, description="Canary answers per step.")
+    stage_min_s: float = Field(default=30.0, ge=0)
+    stage_deadline_s: float = Field(default=900.0, gt=0, description="Then pause for a person.")
+    require_pass: bool = False
+    metric: Literal["exact_match", "chrf", "rouge_l"] = "chrf"
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="Over the whole rollout.")
+    quality_margin: float = Field(default=0.02, ge=0)
+    latency_max_ratio: float = Field(default=1.2, ge=1)
+    error_margin: float = Field(default=0.01, ge=0)
+    min_samples: int = Field(default=30, ge=1, description="Per side, before any verdict.")
+    planned_samples: float = Field(default=200.0, gt=0)
+    guards: list[Literal["quality", "latency", "errors"]] = Field(
+        default_factory=lambda: ["quality", "latency", "errors"]
+    )
+    drain_s: float = Field(default=15.0, ge=0, description="Before vLLM unloads an adapter.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEWATCH_", env_nested_delimiter="__", extra="forbid"
@@ -137,6 +163,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 from pythonjsonlogger.json import JsonFormatter
 
+from retrain.rollout_api import rollout_router
 from serving.adapters import AdapterSet
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig, create_app
@@ -100,7 +101,9 @@ async def _serve_http(
 ) -> None:
     server = _Server(
         uvicorn.Config(
-            create_app(gateway, lifespan_hooks=hooks),
+            create_app(
+                gateway, lifespan_hooks=hooks, admin_routers=[rollout_router(gateway.store)]
+            ),
             host=settings.gateway.host,
             port=settings.gateway.port,
             log_config=None,

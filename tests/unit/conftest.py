@@ -291,10 +291,11 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def make_harness(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., Harness]]:
-    """Start a gateway with the given GatewayConfig overrides; everything stops at teardown."""
+    """Start a gateway with the given GatewayConfig overrides (and admin routers made from its
+    store); everything stops at teardown."""
     stack = ExitStack()
 
-    def start(**config: Any) -> Harness:
+    def start(routers: Callable[[Store], list[Any]] | None = None, **config: Any) -> Harness:
         store = Store(f"sqlite:///{tmp_path}/t.db")
         stack.callback(store.close)
         client = EngineClient(ENGINE_URL, transport=engine.transport())
@@ -306,7 +307,8 @@ def make_harness(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., H
         # As `tunewatch serve` does: the identity adapter stands for the base model, loaded first.
         identity = write_adapter(tmp_path / "identity", b"zero B matrices")
         asyncio.run(gateway.adapters.load(BASE_ADAPTER, str(identity), reason="identity adapter"))
-        test_client = stack.enter_context(TestClient(create_app(gateway)))
+        app = create_app(gateway, admin_routers=routers(store) if routers else None)
+        test_client = stack.enter_context(TestClient(app))
         return Harness(test_client, gateway, engine, tmp_path / "adapters")
 
     with stack:
