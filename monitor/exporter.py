@@ -98,7 +98,7 @@ RUN_FAILURES = Counter(
 )
 
 
-def _set(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
+def set_or_remove(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
     """Set the series, or remove it when there is no honest value."""
     if value is None:
         try:
@@ -110,11 +110,11 @@ def _set(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
 
 
 def publish_quality(adapter: str, result: Quality) -> None:
-    _set(QUALITY_BLEU, (adapter,), result.bleu)
-    _set(QUALITY_CHRF, (adapter,), result.chrf)
+    set_or_remove(QUALITY_BLEU, (adapter,), result.bleu)
+    set_or_remove(QUALITY_CHRF, (adapter,), result.chrf)
     for variant, value in result.rouge.items():
-        _set(QUALITY_ROUGE, (adapter, variant), value)
-    _set(QUALITY_EXACT_MATCH, (adapter,), result.exact_match_ratio)
+        set_or_remove(QUALITY_ROUGE, (adapter, variant), value)
+    set_or_remove(QUALITY_EXACT_MATCH, (adapter,), result.exact_match_ratio)
     if result.bleu_signature and result.chrf_signature:
         QUALITY_SIGNATURE.info({"bleu": result.bleu_signature, "chrf": result.chrf_signature})
     WINDOW_EXCHANGES.labels(adapter, "labelled").set(result.n)
@@ -122,32 +122,33 @@ def publish_quality(adapter: str, result: Quality) -> None:
 
 
 def publish_calibration(adapter: str, result: Calibration) -> None:
-    _set(CALIBRATION_ECE, (adapter,), result.ece)
-    _set(CALIBRATION_BRIER, (adapter,), result.brier)
+    set_or_remove(CALIBRATION_ECE, (adapter,), result.ece)
+    set_or_remove(CALIBRATION_BRIER, (adapter,), result.brier)
     CHECK_OK.labels(adapter, "calibration").set(int(result.ece is not None))
 
 
 def publish_signals(adapter: str, result: Signals) -> None:
     WINDOW_EXCHANGES.labels(adapter, "current").set(result.n)
-    _set(ERROR_RATIO, (adapter,), result.error_rate)
-    _set(RESPONSE_MEAN_LOGPROB, (adapter,), result.mean_logprob)
-    _set(RESPONSE_LENGTH_TOKENS, (adapter,), result.mean_response_tokens)
-    _set(RESPONSE_EMPTY, (adapter,), result.empty_rate)
-    _set(RESPONSE_REFUSAL, (adapter,), result.refusal_rate)
-    _set(WINDOW_LATENCY_P50, (adapter,), result.latency_p50_seconds)
-    _set(WINDOW_LATENCY_P95, (adapter,), result.latency_p95_seconds)
+    set_or_remove(ERROR_RATIO, (adapter,), result.error_rate)
+    set_or_remove(RESPONSE_MEAN_LOGPROB, (adapter,), result.mean_logprob)
+    set_or_remove(RESPONSE_LENGTH_TOKENS, (adapter,), result.mean_response_tokens)
+    set_or_remove(RESPONSE_EMPTY, (adapter,), result.empty_rate)
+    set_or_remove(RESPONSE_REFUSAL, (adapter,), result.refusal_rate)
+    set_or_remove(WINDOW_LATENCY_P50, (adapter,), result.latency_p50_seconds)
+    set_or_remove(WINDOW_LATENCY_P95, (adapter,), result.latency_p95_seconds)
     CHECK_OK.labels(adapter, "signals").set(int(result.answered > 0))
 
 
 def publish_drift(adapter: str, result: DriftResult) -> None:
     for column in result.columns:
         labels = (adapter, str(column.column), column.method)
-        _set(DRIFT_SCORE, labels, column.score)
-        _set(DRIFT_THRESHOLD, labels, column.threshold if column.judged else None)
-        _set(DRIFT_DETECTED, (adapter, str(column.column)),
+        set_or_remove(DRIFT_SCORE, labels, column.score)
+        set_or_remove(DRIFT_THRESHOLD, labels, column.threshold if column.judged else None)
+        set_or_remove(DRIFT_DETECTED, (adapter, str(column.column)),
              None if column.drifted is None else float(column.drifted))  # fmt: skip
-    _set(DRIFT_SHARE, (adapter,), result.drift_share)
-    _set(DRIFT_DATASET, (adapter,), None if result.drifted is None else float(result.drifted))
+    set_or_remove(DRIFT_SHARE, (adapter,), result.drift_share)
+    dataset = None if result.drifted is None else float(result.drifted)
+    set_or_remove(DRIFT_DATASET, (adapter,), dataset)
     WINDOW_EXCHANGES.labels(adapter, "reference").set(result.reference_size)
     CHECK_OK.labels(adapter, "drift").set(int(result.drifted is not None))
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from monitor.exporter import set_or_remove
+
 LEADER = Gauge(
     "tunewatch_scheduler_leader",
     "1 while this daemon holds the scheduler lease and runs the scheduled jobs, else 0.",
@@ -71,17 +73,6 @@ ROLLOUT_LATENCY_P95 = Gauge(
 )
 
 
-def _set(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
-    """Set the series, or remove it when there is no honest value."""
-    if value is None:
-        try:
-            gauge.remove(*labels)
-        except KeyError:
-            pass
-    else:
-        gauge.labels(*labels).set(value)
-
-
 def publish_rollout(adapter: str, stage: str, weight: float) -> None:
     for each in STAGES:
         ROLLOUT_STAGE.labels(adapter, each).set(int(each == stage))
@@ -92,8 +83,8 @@ def publish_look(adapter: str, judgement: Any, figures: dict[str, Any]) -> None:
     """A look's figures: the guards' verdicts and the comparison behind them."""
     for result in judgement.results:
         verdict = {"pass": 1.0, "fail": 0.0}.get(result.verdict)
-        _set(GUARD_PASSED, (adapter, result.guard.split(" ")[0]), verdict)
-    _set(SHADOW_AGREEMENT, (adapter,), figures.get("agreement"))
+        set_or_remove(GUARD_PASSED, (adapter, result.guard.split(" ")[0]), verdict)
+    set_or_remove(SHADOW_AGREEMENT, (adapter,), figures.get("agreement"))
     for side in ("candidate", "primary"):
-        _set(ROLLOUT_QUALITY, (adapter, side), figures.get(f"quality_{side}"))
-        _set(ROLLOUT_LATENCY_P95, (adapter, side), figures.get(f"latency_p95_{side}"))
+        set_or_remove(ROLLOUT_QUALITY, (adapter, side), figures.get(f"quality_{side}"))
+        set_or_remove(ROLLOUT_LATENCY_P95, (adapter, side), figures.get(f"latency_p95_{side}"))

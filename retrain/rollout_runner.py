@@ -8,7 +8,9 @@ valid over every look only on the whole stream):
   mirrored, where that exchange got a reference (feedback); and golden runs, the candidate's
   answer against the primary's to the same golden prompt (a golden run of both is started
   when the rollout starts). Scores per answer from monitor.quality (`metric`, in [0, 1]).
-  Unpaired live canary answers are not compared: different users ask different questions.
+  The primary's requests stay mirrored to the candidate through the canary steps, so this
+  evidence keeps growing until promotion. Unpaired live canary answers are not compared:
+  different users ask different questions.
 - latency and errors: the candidate's shadow and canary answers against the primary's.
 - agreement: chrF between the candidate's shadow answer and the primary's, reported (and
   exported) as a figure, never judged: a better adapter disagrees too.
@@ -175,9 +177,10 @@ def routing_for(state: RolloutState, row: Rollout, config: RolloutConfig) -> Rou
     if stage == "shadow":
         return RoutingTable(primary=row.baseline, shadow=row.candidate,
                             shadow_fraction=config.shadow_fraction)  # fmt: skip
-    if stage == "canary":
+    if stage == "canary":  # still mirrored: the paired quality evidence keeps growing
         return RoutingTable(primary=row.baseline, canary=row.candidate,
-                            canary_weight=state.weight(config))  # fmt: skip
+                            canary_weight=state.weight(config), shadow=row.candidate,
+                            shadow_fraction=config.shadow_fraction)  # fmt: skip
     if stage == "promoted":
         return RoutingTable(primary=row.candidate)
     return RoutingTable(primary=row.baseline)

@@ -71,7 +71,14 @@ def decide(table: RoutingTable, user: str | None, rng: random.Random | None = No
         and table.canary_weight > 0
         and (unit_hash(table.canary, user) if user else rng.random()) < table.canary_weight
     )
-    mirror = table.shadow is not None and rng.random() < table.shadow_fraction
-    if in_canary:
-        return Decision("canary", table.canary, table.shadow if mirror else None)
-    return Decision("primary", table.primary, table.shadow if mirror else None)
+    answering = table.canary if in_canary else table.primary
+    # A rollout keeps mirroring primary requests to its candidate while it is also the canary
+    # (paired evidence keeps coming); the candidate's own answers are never mirrored to it.
+    mirror = (
+        table.shadow is not None
+        and table.shadow != answering
+        and rng.random() < table.shadow_fraction
+    )
+    return Decision(
+        "canary" if in_canary else "primary", answering, table.shadow if mirror else None
+    )

@@ -61,6 +61,15 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         TUNEWATCH_MONITOR__GOLDEN_INTERVAL_S="3600",
         TUNEWATCH_MONITOR__DRIFT_INTERVAL_S="5",
         TUNEWATCH_MONITOR__REFERENCE_SIZE="250",
+        TUNEWATCH_MONITOR__LEASE_TTL_S="6",  # a killed monitor's successor leads within 6 s
+        # Rollouts sized for a test (tests/integration/test_rollout.py), not for production.
+        TUNEWATCH_ROLLOUT__INTERVAL_S="1",
+        TUNEWATCH_ROLLOUT__STEPS="[0.5, 1.0]",
+        TUNEWATCH_ROLLOUT__SHADOW_MIN_PAIRS="6",
+        TUNEWATCH_ROLLOUT__STEP_MIN_SAMPLES="3",
+        TUNEWATCH_ROLLOUT__STAGE_MIN_S="10",  # the kill -9 lands mid-step
+        TUNEWATCH_ROLLOUT__MIN_SAMPLES="20",
+        TUNEWATCH_ROLLOUT__DRAIN_S="3",
     )
     log_file = state_dir / "tunewatch.log"
     with log_file.open("wb") as sink:

@@ -66,17 +66,25 @@ class Stack:
             headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
         )  # fmt: skip
 
-    def engine_pid(self) -> int:
-        """The vLLM server: the child of `tunewatch up` that runs vLLM's OpenAI entry point."""
+    def child_pid(self, marker: bytes) -> int:
+        """The one child of `tunewatch up` whose command line holds `marker`."""
         children = subprocess.run(
             ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
         ).stdout.split()
-        engines = [
+        found = [
             int(pid) for pid in children
-            if b"vllm.entrypoints" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         ]  # fmt: skip
-        assert len(engines) == 1, f"expected one engine process among {children}"
-        return engines[0]
+        assert len(found) == 1, f"expected one {marker!r} child among {children}"
+        return found[0]
+
+    def engine_pid(self) -> int:
+        """The vLLM server: the child of `tunewatch up` that runs vLLM's OpenAI entry point."""
+        return self.child_pid(b"vllm.entrypoints.openai.api_server")
+
+    def monitor_pid(self) -> int:
+        """`tunewatch monitor`: the monitor's checks and the controller's jobs."""
+        return self.child_pid(b"monitor")
 
     def kill_engine(self) -> None:
         os.killpg(self.engine_pid(), signal.SIGKILL)

@@ -111,9 +111,9 @@ async def test_a_golden_run_against_a_missing_adapter_is_recorded_as_failed(stor
 
 
 def test_a_value_that_cannot_be_computed_is_removed_not_zeroed() -> None:
-    exporter._set(exporter.QUALITY_BLEU, ("gone-v1",), 12.5)
+    exporter.set_or_remove(exporter.QUALITY_BLEU, ("gone-v1",), 12.5)
     assert sample("tunewatch_quality_bleu", adapter="gone-v1") == 12.5
-    exporter._set(exporter.QUALITY_BLEU, ("gone-v1",), None)
+    exporter.set_or_remove(exporter.QUALITY_BLEU, ("gone-v1",), None)
     assert sample("tunewatch_quality_bleu", adapter="gone-v1") is None
 
 

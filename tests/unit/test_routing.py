@@ -92,6 +92,14 @@ def test_a_shadow_at_fraction_one_mirrors_every_request_whichever_side_answers()
     assert {decide(table, u).mirror_to for u in USERS[:200]} == {"v2"}
 
 
+def test_a_candidate_both_canary_and_shadow_mirrors_only_the_primarys_requests() -> None:
+    table = RoutingTable(
+        primary="v1", canary="v2", canary_weight=0.5, shadow="v2", shadow_fraction=1.0
+    )
+    decisions = [decide(table, f"user-{n}") for n in range(400)]
+    assert {(d.route, d.mirror_to) for d in decisions} == {("primary", "v2"), ("canary", None)}
+
+
 def test_a_shadow_at_fraction_zero_mirrors_nothing() -> None:
     table = RoutingTable(primary="v1", shadow="v2", shadow_fraction=0.0)
     assert {decide(table, u).mirror_to for u in USERS[:200]} == {None}
