@@ -13,7 +13,9 @@ valid over every look only on the whole stream):
   different users ask different questions.
 - latency and errors: the candidate's shadow and canary answers against the primary's.
 - agreement: chrF between the candidate's shadow answer and the primary's, reported (and
-  exported) as a figure, never judged: a better adapter disagrees too.
+  exported) as a figure, never judged: a better adapter disagrees too; likewise scipy's
+  one-shot paired test of the quality pairs (Wilcoxon signed-rank, or exact McNemar for
+  exact match), whose p-value holds at one planned look, not at every look.
 
 Applying a transition is one transaction: the rollout row, the routing table, the adapters'
 statuses and its event, so no reader ever sees half of it. The engine is told afterwards:
@@ -41,7 +43,7 @@ from monitor.quality import AnswerMetric, answer_score, normalise
 from monitor.traffic import exchanges_since
 from monitor.window import ExchangeView
 from retrain import metrics, rollout_control
-from retrain.guards import Evidence, judge
+from retrain.guards import Evidence, judge, paired_test
 from retrain.registry import change_status
 from retrain.rollout import (
     FINISHED,
@@ -125,8 +127,11 @@ def gather(
     stage_samples = sum(
         1 for e in served if e.route == route and e.created_at >= state.stage_started_at
     )
+    paired = paired_test([c for c, _ in pairs], [p for _, p in pairs],
+                         binary=metric == "exact_match")  # fmt: skip
     figures = {
         "metric": metric,
+        "paired_test": {"test": paired.test, "p_value": paired.p_value, "reason": paired.reason},
         "quality_pairs": len(pairs),
         "quality_candidate": _mean([c for c, _ in pairs]),
         "quality_primary": _mean([p for _, p in pairs]),

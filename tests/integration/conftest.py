@@ -62,6 +62,9 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         TUNEWATCH_MONITOR__DRIFT_INTERVAL_S="5",
         TUNEWATCH_MONITOR__REFERENCE_SIZE="250",
         TUNEWATCH_MONITOR__LEASE_TTL_S="6",  # a killed monitor's successor leads within 6 s
+        # The drift the monitor tests seed must not start a retrain (and then a rollout) under
+        # the other tests: the retraining loop has its own daemon (test_retrain_loop.py).
+        TUNEWATCH_RETRAIN__ENABLED="false",
         # Rollouts sized for a test (tests/integration/test_rollout.py), not for production.
         TUNEWATCH_ROLLOUT__INTERVAL_S="1",
         TUNEWATCH_ROLLOUT__STEPS="[0.5, 1.0]",

@@ -198,3 +198,22 @@ def test_an_adapter_that_answers_nonsense_is_rolled_back_and_unloaded(
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
     assert "rolled back" in report.stdout and name in (tmp_path / "report.html").read_text()
+
+
+def test_an_adapter_vllm_refuses_fails_its_start_and_routes_nothing(
+    running_stack: Stack, model_dir: Path, tmp_path: Path
+):
+    stack = running_stack
+    routing = stack.store.routing_table()
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    too_big = LoraConfig(
+        r=32, target_modules=["q_proj"], task_type="CAUSAL_LM"
+    )  # > --max-lora-rank
+    get_peft_model(model, too_big).save_pretrained(tmp_path / "wide")
+    name = add_candidate(stack, tmp_path / "wide", "wide")
+    wait_until(lambda: status_of(stack, name) == "failed", 60, f"{name} refused")
+    assert rollout_of(stack, name) is None
+    assert stack.store.routing_table() == routing
+    [refused] = stack.store.events(kind="rollout.refused", subject=name)
+    assert "the engine refused to load it" in refused.reason

@@ -119,8 +119,15 @@ def test_a_good_candidate_goes_through_every_step_to_primary(
     assert rollout_control.active_rollout(store) is None
     assert store.routing_table() == RoutingTable(primary=candidate)
     assert status_of(store, candidate) == "primary"
-    kinds = [e.kind for e in reversed(store.events(kind_prefix="rollout.", limit=20))]
-    assert kinds == ["rollout.started", *["rollout.advanced"] * 4, "rollout.promoted"]
+    events = list(reversed(store.events(kind_prefix="rollout.", limit=20)))
+    assert [e.kind for e in events] == [
+        "rollout.started",
+        *["rollout.advanced"] * 4,
+        "rollout.promoted",
+    ]
+    shadow = events[1].data  # the figures behind leaving shadow: 25 labelled pairs, all equal
+    assert shadow["quality_pairs"] == 25 and shadow["agreement"] == 1.0
+    assert "no pair of the 25 differs" in shadow["paired_test"]["reason"]
 
 
 def test_too_few_answers_wait_and_say_what_is_missing(
