@@ -218,9 +218,7 @@ class RolloutRunner:
                 if candidate is not None:
                     try:
                         await self.start(candidate, by="auto", reason="a new candidate")
-                    except (
-                        RolloutRefusal
-                    ) as exc:  # recorded where it matters; the next tick retries
+                    except RolloutRefusal as exc:  # recorded where it matters; retried next tick
                         log.warning("rollout not started: %s", exc, extra={"adapter": candidate})
             return
         await asyncio.to_thread(self.look, active.id)
