@@ -242,3 +242,28 @@ def test_a_new_candidate_waits_for_the_rollout_in_progress_then_starts_by_itself
     tick(runner)  # the rollback, then the next candidate in line
     active = rollout_control.active_rollout(store)
     assert active is not None and active.candidate == later
+
+
+def test_an_engine_down_at_the_start_leaves_the_candidate_to_try_again(
+    runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
+):
+    engine.down = True
+    tick(runner)
+    assert rollout_control.active_rollout(store) is None
+    assert status_of(store, candidate) == "candidate"  # not its fault: not failed
+    engine.down = False
+    tick(runner)
+    assert rollout_control.active_rollout(store).candidate == candidate
+
+
+def test_an_engine_down_at_the_drain_unloads_once_it_is_back(
+    runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
+):
+    tick(runner)
+    rollout_control.request(store, "rollback", by="cli")
+    engine.down = True
+    tick(runner)  # the rollback is in the store; vLLM cannot be told yet
+    assert store.routing_table() == RoutingTable()
+    engine.down = False
+    tick(runner)
+    assert candidate not in engine.loaded
