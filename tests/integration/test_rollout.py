@@ -131,6 +131,9 @@ def restarted(stack: Stack, killed: int) -> bool:
         return False
 
 
+LEFT_SHADOW = ("canary", "paused", "promoted", "rolled_back")
+
+
 def status_of(stack: Stack, adapter: str) -> str:
     return next(v.status for v in versions(stack.store) if v.name == adapter)
 
@@ -141,8 +144,9 @@ def test_an_unchanged_adapter_goes_to_primary_and_survives_a_kill_9_mid_canary(
     stack = running_stack
     name = add_candidate(stack, lora_adapter(model_dir, tmp_path / "same", seed=7), "same")
     wait_until(stage_is(stack, name, "shadow", "canary"), 120, f"{name} in shadow")
-    wait_until(stage_is(stack, name, "canary"), 300, f"{name} in canary")
+    wait_until(stage_is(stack, name, *LEFT_SHADOW), 300, f"{name} out of shadow")
     before = rollout_of(stack, name)
+    assert before is not None and before.stage == "canary", before.reason
     routing = stack.store.routing_table()
     assert routing == RoutingTable(canary=name, canary_weight=0.5, shadow=name, shadow_fraction=0.5)
     monitor = stack.monitor_pid()
