@@ -402,6 +402,32 @@ def _d(x: float) -> str:
     return f"{x:+.3f}"
 
 
+def _bounded_comparison(
+    guard: str,
+    candidate: Values,
+    primary: Values,
+    what: str,
+    alpha: float,
+    min_samples: int,
+    planned_samples: float,
+    figures: dict[str, Any],
+) -> tuple[Summary, Summary, _Interval] | GuardResult:
+    """What the unpaired guards on outcomes in [0, 1] share: the checked summaries and the CS of
+    candidate - primary, or the inconclusive result when there is too little to judge."""
+    cand = _summary(candidate, what=f"candidate {what}")
+    prim = _summary(primary, what=f"primary {what}")
+    _check_range(cand, 0.0, 1.0, f"candidate {what}")
+    _check_range(prim, 0.0, 1.0, f"primary {what}")
+    why = _refusal(cand, prim, min_samples)
+    if why is not None:
+        estimate = cand.mean - prim.mean if cand.n and prim.n else None
+        return _inconclusive(guard, why, cand, prim, alpha, estimate, figures)
+    variances = (_bounded_variance(cand, 0, 1), _bounded_variance(prim, 0, 1))
+    iv = _two_sample(cand, prim, variances, alpha, planned_samples)
+    assert iv is not None  # bounded variances are > 0
+    return cand, prim, iv
+
+
 def _noninferiority_verdict(iv: _Interval, margin: float) -> tuple[Verdict, str]:
     lo, hi = _d(iv.lower), _d(iv.upper)
     if iv.upper < 0:
@@ -447,19 +473,14 @@ def quality_noninferiority(
     _check_common(alpha, min_samples, planned_samples)
     if not margin >= 0:
         raise ValueError(f"margin must not be negative, got {margin!r}")
-    cand = _summary(candidate, what=f"candidate {metric}")
-    prim = _summary(primary, what=f"primary {metric}")
-    _check_range(cand, 0.0, 1.0, f"candidate {metric} scores")
-    _check_range(prim, 0.0, 1.0, f"primary {metric} scores")
     guard = "quality" if metric == "quality" else f"quality ({metric})"
     figures: dict[str, Any] = {"metric": metric, "margin": margin, "paired": False}
-    why = _refusal(cand, prim, min_samples)
-    if why is not None:
-        estimate = cand.mean - prim.mean if cand.n and prim.n else None
-        return _inconclusive(guard, why, cand, prim, alpha, estimate, figures)
-    variances = (_bounded_variance(cand, 0, 1), _bounded_variance(prim, 0, 1))
-    iv = _two_sample(cand, prim, variances, alpha, planned_samples)
-    assert iv is not None  # bounded variances are > 0
+    compared = _bounded_comparison(
+        guard, candidate, primary, f"{metric} scores", alpha, min_samples, planned_samples, figures
+    )
+    if isinstance(compared, GuardResult):
+        return compared
+    cand, prim, iv = compared
     verdict, rule = _noninferiority_verdict(iv, margin)
     reason = (
         f"{metric} candidate {_f(cand.mean)} vs primary {_f(prim.mean)} "
@@ -606,19 +627,14 @@ def error_rate(
     _check_common(alpha, min_samples, planned_samples)
     if not margin >= 0:
         raise ValueError(f"margin must not be negative, got {margin!r}")
-    cand = _summary(candidate, what="candidate errors")
-    prim = _summary(primary, what="primary errors")
-    _check_range(cand, 0.0, 1.0, "candidate errors")
-    _check_range(prim, 0.0, 1.0, "primary errors")
     guard = "errors"
     figures: dict[str, Any] = {"margin": margin}
-    why = _refusal(cand, prim, min_samples)
-    if why is not None:
-        estimate = cand.mean - prim.mean if cand.n and prim.n else None
-        return _inconclusive(guard, why, cand, prim, alpha, estimate, figures)
-    variances = (_bounded_variance(cand, 0, 1), _bounded_variance(prim, 0, 1))
-    iv = _two_sample(cand, prim, variances, alpha, planned_samples)
-    assert iv is not None
+    compared = _bounded_comparison(
+        guard, candidate, primary, "errors", alpha, min_samples, planned_samples, figures
+    )
+    if isinstance(compared, GuardResult):
+        return compared
+    cand, prim, iv = compared
     points = f"{100 * margin:.3g} points"
     verdict, rule = _above_verdict(iv.lower, iv.upper, f"+{points}", margin)
     reason = (
