@@ -21,9 +21,9 @@ def status_table(
     store: Store, base_adapter: str, window_size: int, correct_rouge_l: float
 ) -> Table:
     routing = store.routing_table() or RoutingTable()
-    roles = {
-        routing.canary: "canary",
+    roles = {  # later entries win: a rollout's candidate is both shadow and canary
         routing.shadow: "shadow",
+        routing.canary: "canary",
         routing.primary or BASE_LABEL: "primary",
     }
     table = Table(title=f"tunewatch: last {window_size} exchanges per adapter")
