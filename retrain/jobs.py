@@ -82,12 +82,13 @@ class JobView:
     adapter: str | None
     progress: dict[str, Any]
     error: str | None
+    pid: int | None  # the trainer child while it runs
 
     @classmethod
     def of(cls, row: TrainingJob) -> JobView:
         return cls(
             row.id, row.status, row.reason, row.created_at, row.parent_adapter, row.adapter,
-            dict(row.progress or {}), row.error,
+            dict(row.progress or {}), row.error, row.pid,
         )  # fmt: skip
 
 
@@ -236,6 +237,19 @@ def spawn(
     return process
 
 
+def start_claimed(
+    store: Store, job_id: int, config: RetrainConfig, *, stderr: IO[Any] | None = None
+) -> subprocess.Popen[bytes] | None:
+    """Prepare a claimed job and start its trainer; None when there is no training set to
+    train on (the job is failed with the reason)."""
+    try:
+        prepare(store, job_id, config)
+    except (TrainingDataError, OSError) as exc:
+        fail(store, job_id, f"no training set: {exc}")
+        return None
+    return spawn(store, job_id, config, stderr=stderr)
+
+
 def settle(store: Store, job_id: int, config: RetrainConfig, returncode: int | None) -> JobView:
     """The child is gone: register its adapter, or fail the job with the trainer's reason."""
     metrics.TRAINING_RUNNING.set(0)
@@ -319,12 +333,9 @@ class TrainingRunner:
     def _start(self, job_id: int) -> None:
         if not claim(self.store, job_id):
             return  # cancelled, or claimed by someone else, since we looked
-        try:
-            prepare(self.store, job_id, self.config)
-        except (TrainingDataError, OSError) as exc:
-            fail(self.store, job_id, f"no training set: {exc}")
-            return
-        self._children[job_id] = spawn(self.store, job_id, self.config)
+        child = start_claimed(self.store, job_id, self.config)
+        if child is not None:
+            self._children[job_id] = child
 
     def _follow(self, job: JobView) -> None:
         child = self._children.get(job.id)
@@ -336,9 +347,7 @@ class TrainingRunner:
             del self._children[job.id]
             settle(self.store, job.id, self.config, returncode)
             return
-        with self.store.session() as session:
-            pid = session.get(TrainingJob, job.id).pid  # type: ignore[union-attr]
-        if pid is not None and _alive(pid, job.id):
+        if job.pid is not None and _alive(job.pid, job.id):
             self._publish(job)  # adopted: started by a daemon that has since died
             return
         settle(self.store, job.id, self.config, None)
@@ -368,14 +377,11 @@ def run_in_foreground(
 ) -> JobView:
     """`tunewatch retrain`: one job, claimed at creation, its progress bar on this terminal."""
     job_id = queue_job(store, reason, parent, status="running")
-    try:
-        prepare(store, job_id, config)
-    except (TrainingDataError, OSError) as exc:
-        fail(store, job_id, f"no training set: {exc}")
+    child = start_claimed(store, job_id, config, stderr=sys.stderr)
+    if child is None:
         job = get_job(store, job_id)
         assert job is not None
         return job
-    child = spawn(store, job_id, config, stderr=sys.stderr)
     try:
         returncode = child.wait()
     except KeyboardInterrupt:
