@@ -44,21 +44,32 @@ def read_window(
 
 
 def exchanges_since(
-    store: Store, adapter: str, since: datetime, routes: Collection[str]
+    store: Store,
+    adapter: str,
+    since: datetime,
+    routes: Collection[str],
+    *,
+    until: datetime | None = None,
 ) -> list[ExchangeView]:
-    """Every exchange of an adapter on these routes from `since` on, oldest first."""
+    """Every exchange of an adapter on these routes from `since` on (to `until`), oldest first."""
+    query = select(Exchange).where(
+        Exchange.adapter == adapter, Exchange.route.in_(tuple(routes)), Exchange.created_at >= since
+    )
+    if until is not None:
+        query = query.where(Exchange.created_at <= until)
     with store.session() as session:
-        rows = list(
-            session.scalars(
-                select(Exchange)
-                .where(
-                    Exchange.adapter == adapter,
-                    Exchange.route.in_(tuple(routes)),
-                    Exchange.created_at >= since,
-                )
-                .order_by(Exchange.created_at)
-            )
-        )
+        rows = list(session.scalars(query.order_by(Exchange.created_at, Exchange.id)))
+        feedback = newest_feedback(session, [row.id for row in rows])
+    return [_view(row, feedback) for row in rows]
+
+
+def exchanges_by_id(store: Store, ids: Collection[str]) -> list[ExchangeView]:
+    """These exchanges (those that exist), with their newest feedback."""
+    wanted, rows = sorted(ids), []
+    with store.session() as session:
+        for at in range(0, len(wanted), 500):
+            chunk = wanted[at : at + 500]
+            rows += session.scalars(select(Exchange).where(Exchange.id.in_(chunk)))
         feedback = newest_feedback(session, [row.id for row in rows])
     return [_view(row, feedback) for row in rows]
 
@@ -146,9 +157,7 @@ def _view(row: Exchange, feedback: dict[str, tuple[str | None, float | None]]) -
     )
 
 
-def newest_feedback(
-    session, exchange_ids: list[str]
-) -> dict[str, tuple[str | None, float | None]]:
+def newest_feedback(session, exchange_ids: list[str]) -> dict[str, tuple[str | None, float | None]]:
     """Per exchange: the newest reference and the newest rating (posted separately or together)."""
     newest: dict[str, tuple[str | None, float | None]] = {}
     for chunk_start in range(0, len(exchange_ids), 500):

@@ -45,12 +45,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from monitor.quality import answer_score
-from monitor.traffic import newest_feedback  # the monitor's rule: newest reference, rating
+from monitor.traffic import exchanges_by_id, exchanges_since
+from monitor.window import ExchangeView
 from serving.exchange import BASE_LABEL
-from serving.store import Event, Exchange, Rollout, Store, utcnow
+from serving.store import Event, Rollout, Store, utcnow
 
 PRIMARY_ROUTES = ("primary", "golden")
 CANDIDATE_ROUTES = ("shadow", "canary", "golden")
@@ -258,7 +258,6 @@ def build_report(
             raise UnknownRolloutError(rollout_id)
         summary = _summary(row)
         end = max(summary.finished_at or generated_at, summary.created_at)
-        primary, candidate = _read_sides(session, summary, end)
         events = session.scalars(
             select(Event)
             .where(
@@ -268,6 +267,7 @@ def build_report(
             .order_by(Event.created_at, Event.id)
         )
         decisions = _decisions(list(events), summary)
+    primary, candidate = _read_sides(store, summary, end)
 
     start = summary.created_at
     duration_s = (end - start).total_seconds()
@@ -330,69 +330,42 @@ def _summary(row: Rollout) -> RolloutSummary:
 
 
 def _read_sides(
-    session: Session, summary: RolloutSummary, end: datetime
+    store: Store, summary: RolloutSummary, end: datetime
 ) -> tuple[list[_Scored], list[_Scored]]:
     """Both sides' exchanges in [start, end], oldest first, each scored."""
-    rows = session.scalars(
-        select(Exchange)
-        .where(
-            Exchange.adapter.in_((summary.baseline_label, summary.candidate)),
-            Exchange.route.in_(tuple(set(PRIMARY_ROUTES) | set(CANDIDATE_ROUTES))),
-            Exchange.created_at >= summary.created_at,
-            Exchange.created_at <= end,
-        )
-        .order_by(Exchange.created_at, Exchange.id)
-    )
-    primary: list[Exchange] = []
-    candidate: list[Exchange] = []
-    for r in rows:
-        if r.adapter == summary.candidate and r.route in CANDIDATE_ROUTES:
-            candidate.append(r)
-        elif r.adapter == summary.baseline_label and r.route in PRIMARY_ROUTES:
-            primary.append(r)
-    parents = {r.id: r for r in primary}
-    wanted = {r.parent_id for r in candidate if r.route == "shadow" and r.parent_id}
-    missing = sorted(wanted - parents.keys())  # mirrored just before the rollout began
-    for at in range(0, len(missing), 500):
-        chunk = missing[at : at + 500]
-        parents.update(
-            (r.id, r) for r in session.scalars(select(Exchange).where(Exchange.id.in_(chunk)))
-        )
-    ids = [r.id for r in primary] + [r.id for r in candidate] + missing
-    feedback = newest_feedback(session, ids)
+    start = summary.created_at
+    primary = exchanges_since(store, summary.baseline_label, start, PRIMARY_ROUTES, until=end)
+    candidate = exchanges_since(store, summary.candidate, start, CANDIDATE_ROUTES, until=end)
+    parents = {e.id: e for e in primary}
+    wanted = {e.parent_id for e in candidate if e.route == "shadow" and e.parent_id}
+    missing = wanted - parents.keys()  # mirrored just before the rollout began
+    parents.update((e.id, e) for e in exchanges_by_id(store, missing))
     return (
-        [_score(r, feedback, None) for r in primary],
-        [_score(r, feedback, parents.get(r.parent_id or "")) for r in candidate],
+        [_score(e, None) for e in primary],
+        [_score(e, parents.get(e.parent_id or "")) for e in candidate],
     )
 
 
-def _score(
-    row: Exchange, feedback: dict[str, tuple[str | None, float | None]], parent: Exchange | None
-) -> _Scored:
+def _score(exchange: ExchangeView, parent: ExchangeView | None) -> _Scored:
     """Quality against the newest reference (a shadow's: its parent's); agreement with the
     primary answer a shadow mirrored."""
-    shadow_of = parent if row.route == "shadow" else None
-    reference = feedback.get(row.id, (None, None))[0]
+    shadow_of = parent if exchange.route == "shadow" else None
+    reference = exchange.reference
     if reference is None and shadow_of is not None:
-        reference = feedback.get(shadow_of.id, (None, None))[0]
-    answered = row.status == "ok" and row.response is not None
+        reference = shadow_of.reference
+    answered = exchange.ok and exchange.response is not None
     quality = exact = agreement = None
     if answered and reference is not None:
-        quality = answer_score(row.response or "", reference, "chrf")
-        exact = answer_score(row.response or "", reference, "exact_match") == 1.0
-    if (
-        answered
-        and shadow_of is not None
-        and shadow_of.status == "ok"
-        and shadow_of.response is not None
-    ):
-        agreement = answer_score(row.response or "", shadow_of.response, "chrf")
+        quality = answer_score(exchange.response or "", reference, "chrf")
+        exact = answer_score(exchange.response or "", reference, "exact_match") == 1.0
+    if answered and shadow_of is not None and shadow_of.ok and shadow_of.response is not None:
+        agreement = answer_score(exchange.response or "", shadow_of.response, "chrf")
     return _Scored(
-        at=row.created_at,
-        served=row.route in SERVED_ROUTES,
+        at=exchange.created_at,
+        served=exchange.route in SERVED_ROUTES,
         answered=answered,
-        latency_s=row.latency_seconds,
-        mean_logprob=row.mean_logprob,
+        latency_s=exchange.latency_seconds,
+        mean_logprob=exchange.mean_logprob,
         quality=quality,
         exact_match=exact,
         agreement=agreement,
