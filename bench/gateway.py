@@ -37,7 +37,6 @@ import math
 import multiprocessing
 import os
 import secrets
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +57,7 @@ from serving.adapters import AdapterSet
 from serving.engine import EngineClient
 from serving.gateway import Gateway, GatewayConfig, create_app
 from serving.store import Store
+from tests.ports import free_port
 from tunewatch.settings import Settings, load_settings
 from tunewatch.stack import build_gateway, prepare
 
@@ -214,12 +214,6 @@ def split(total: int, parts: int) -> list[int]:
 
 
 # servers
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
 
 
 async def wait_until_up(url: str, alive: Callable[[], bool]) -> None:

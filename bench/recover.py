@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from sqlalchemy import select
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from serving.store import DriftCheck, Event, Store, TrainingJob
+from tests.ports import free_port
 
 TAXES = ["How do I file my {} tax return?", "Which {} expenses are tax deductible?",
          "When is the {} income tax deadline?", "How are {} capital gains taxed?"]  # fmt: skip
@@ -53,12 +53,6 @@ def exchange(prompt: str, at: datetime) -> dict:
         ttft_seconds=None, latency_seconds=1.0, mean_logprob=-0.8, finish_reason="stop",
         status="ok", http_status=200, error=None,
     )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def first(store: Store, query) -> datetime | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,16 +39,11 @@ from transformers import AutoModelForCausalLM
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from retrain import rollout_control
 from serving.store import Store
+from tests.ports import free_ports
 from tunewatch import stack
 from tunewatch.settings import load_settings
 
 SERVED = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unchanged_adapter(model_dir: Path, target: Path) -> Path:
@@ -106,7 +100,7 @@ def main() -> None:
 
 
 def run(state_dir: Path, model_dir: Path, args: argparse.Namespace) -> None:
-    ports = {name: free_port() for name in ("gateway", "engine", "monitor")}
+    ports = dict(zip(("gateway", "engine", "monitor"), free_ports(3), strict=True))
     env = dict(
         os.environ, TUNEWATCH_STATE_DIR=str(state_dir),
         TUNEWATCH_GATEWAY__PORT=str(ports["gateway"]),

@@ -13,7 +13,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -23,6 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+
+from tests.ports import free_port
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 PG_SUPERUSER = "postgres"
@@ -55,12 +56,6 @@ def _as_cluster_owner() -> tuple[list[str], int | None, int | None]:
     return ["runuser", "-u", "postgres", "--"], owner.pw_uid, owner.pw_gid
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(command: list[str], timeout: float) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
@@ -84,7 +79,7 @@ def postgres_url() -> Iterator[str]:
     data, log = root / "data", root / "server.log"
     if uid is not None:
         os.chown(root, uid, gid)
-    port = _free_port()
+    port = free_port()
     server_options = " ".join([
         "-c listen_addresses=127.0.0.1", f"-p {port}", f"-k {root}",
         # A throwaway cluster: durability buys nothing here and costs seconds.

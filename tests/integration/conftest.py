@@ -18,10 +18,10 @@ from serving.store import Store
 from tests.integration.realstack import (
     ADMIN_TOKEN,
     Stack,
-    free_port,
     make_lora_adapter,
     wait_until,
 )
+from tests.ports import free_port, free_ports
 from tunewatch import stack
 from tunewatch.settings import load_settings
 
@@ -42,7 +42,7 @@ def lora_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`tunewatch up` in a child process, on free ports, with its own state dir and SQLite store."""
     state_dir = tmp_path_factory.mktemp("state")
-    gateway_port, engine_port, monitor_port = free_port(), free_port(), free_port()
+    gateway_port, engine_port, monitor_port = free_ports(3)
     golden_set = state_dir / "goldens.jsonl"  # small: its run competes with the tests for vLLM
     golden_set.write_text(
         '{"prompt": "What is the capital of France? One word.", "reference": "Paris"}\n'

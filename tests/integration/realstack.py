@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from serving.store import Store
 
 ADMIN_TOKEN = "integration-admin-token"
 SERVED_NAME = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, timeout_s: float, what: str, interval_s: float = 1.0) -> None:
@@ -66,25 +60,27 @@ class Stack:
             headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
         )  # fmt: skip
 
-    def child_pid(self, marker: bytes) -> int:
+    def child_pid(self, marker: str) -> int:
         """The one child of `tunewatch up` whose command line holds `marker`."""
-        children = subprocess.run(
-            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
-        ).stdout.split()
-        found = [
-            int(pid) for pid in children
-            if marker in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        ]  # fmt: skip
-        assert len(found) == 1, f"expected one {marker!r} child among {children}"
+        found, seen = [], []
+        for child in psutil.Process(self.process.pid).children():
+            try:  # a child can exit between the listing and the read: it is no match
+                command = child.cmdline()
+            except psutil.NoSuchProcess:  # ZombieProcess too: killed, not yet reaped
+                continue
+            seen.append(command)
+            if marker in command:
+                found.append(child.pid)
+        assert len(found) == 1, f"expected one {marker!r} child among {seen}"
         return found[0]
 
     def engine_pid(self) -> int:
         """The vLLM server: the child of `tunewatch up` that runs vLLM's OpenAI entry point."""
-        return self.child_pid(b"vllm.entrypoints.openai.api_server")
+        return self.child_pid("vllm.entrypoints.openai.api_server")
 
     def monitor_pid(self) -> int:
         """`tunewatch monitor`: the monitor's checks and the controller's jobs."""
-        return self.child_pid(b"monitor")
+        return self.child_pid("monitor")
 
     def kill_engine(self) -> None:
         os.killpg(self.engine_pid(), signal.SIGKILL)

@@ -84,8 +84,8 @@ TOPICS = {
 }  # fmt: skip
 
 
-def seed_traffic(stack: Stack, topic: str, count: int, start: datetime) -> None:
-    """Recorded exchanges as the gateway writes them: the monitor reads them like any other."""
+def traffic(topic: str, count: int, start: datetime) -> list[dict]:
+    """Exchange rows as the gateway writes them: the monitor reads them like any other."""
     rows = []
     for n in range(count):
         prompt = TOPICS[topic][n % 4].format(["my", "our", "the", "a"][n // 4 % 4] + f" {n}")
@@ -96,15 +96,18 @@ def seed_traffic(stack: Stack, topic: str, count: int, start: datetime) -> None:
             prompt_tokens=12, completion_tokens=5, ttft_seconds=None, latency_seconds=1.0,
             mean_logprob=-0.8, finish_reason="stop", status="ok", http_status=200, error=None,
         ))  # fmt: skip
-    stack.store.record_exchanges(rows)
+    return rows
 
 
 def test_a_topic_shift_is_a_drift_verdict_answered_by_promql(running_stack: Stack, prometheus):
     now = datetime.now(UTC)
-    seed_traffic(running_stack, "taxes", 250, now - timedelta(days=1))  # the reference
+    reference = traffic("taxes", 250, now - timedelta(days=1))
     # The current window, ending now: traffic dated in the future would stay the newest for
     # minutes and count as live traffic in whatever the later tests measure.
-    seed_traffic(running_stack, "gardening", 200, now - timedelta(seconds=200))
+    current = traffic("gardening", 200, now - timedelta(seconds=200))
+    # One transaction: a drift check between two writes would judge a window of taxes, and
+    # its verdict (no drift) would be the first one Prometheus shows.
+    running_stack.store.record_exchanges(reference + current)
     wait_until(
         lambda: bool(query(prometheus, 'tunewatch_drift_share_ratio{adapter="base"}')),
         timeout_s=240, what="tunewatch_drift_share_ratio in Prometheus",

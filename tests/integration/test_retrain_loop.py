@@ -26,8 +26,9 @@ import pytest
 
 from retrain.registry import versions
 from serving.store import Store, TrainingJob
-from tests.integration.realstack import free_port, wait_until
+from tests.integration.realstack import wait_until
 from tests.integration.test_trainer import capitals
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
