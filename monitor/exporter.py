@@ -28,6 +28,19 @@ QUALITY_ROUGE = Gauge(
 QUALITY_EXACT_MATCH = Gauge(
     "tunewatch_quality_exact_match_ratio", "Share of answers equal to their reference.", ["adapter"]
 )
+QUALITY_BASELINE_BLEU = Gauge(
+    "tunewatch_quality_baseline_bleu", "Corpus BLEU of the adapter's first labelled window.",
+    ["adapter"],
+)  # fmt: skip
+QUALITY_BASELINE_CHRF = Gauge(
+    "tunewatch_quality_baseline_chrf", "Corpus chrF of the adapter's first labelled window.",
+    ["adapter"],
+)  # fmt: skip
+QUALITY_BASELINE_EXACT_MATCH = Gauge(
+    "tunewatch_quality_baseline_exact_match_ratio",
+    "Exact-match share of the adapter's first labelled window.",
+    ["adapter"],
+)
 QUALITY_SIGNATURE = Info(
     "tunewatch_quality_signature", "sacrebleu signatures of the BLEU and chrF figures."
 )
@@ -93,6 +106,10 @@ LAST_SUCCESS = Gauge(
 RUN_DURATION = Gauge(
     "tunewatch_monitor_run_duration_seconds", "How long the check's last run took.", ["check"]
 )
+CHECK_INTERVAL = Gauge(
+    "tunewatch_monitor_check_interval_seconds", "How often the check is scheduled to run.",
+    ["check"],
+)  # fmt: skip
 RUN_FAILURES = Counter(
     "tunewatch_monitor_run_failures_total", "Checks that raised an error.", ["check"]
 )
@@ -119,6 +136,12 @@ def publish_quality(adapter: str, result: Quality) -> None:
         QUALITY_SIGNATURE.info({"bleu": result.bleu_signature, "chrf": result.chrf_signature})
     WINDOW_EXCHANGES.labels(adapter, "labelled").set(result.n)
     CHECK_OK.labels(adapter, "quality").set(int(result.n > 0))
+
+
+def publish_baseline(adapter: str, result: Quality) -> None:
+    set_or_remove(QUALITY_BASELINE_BLEU, (adapter,), result.bleu)
+    set_or_remove(QUALITY_BASELINE_CHRF, (adapter,), result.chrf)
+    set_or_remove(QUALITY_BASELINE_EXACT_MATCH, (adapter,), result.exact_match_ratio)
 
 
 def publish_calibration(adapter: str, result: Calibration) -> None:

@@ -20,9 +20,9 @@ from monitor import exporter
 from monitor.calibration import calibration
 from monitor.drift import DriftConfig, DriftDetector, DriftResult, EmbedFn
 from monitor.goldens import load_golden_set, run_golden_set
-from monitor.quality import quality
+from monitor.quality import Quality, quality
 from monitor.signals import signals
-from monitor.traffic import adapter_labels, read_window, with_goldens
+from monitor.traffic import adapter_labels, baseline_window, read_window, with_goldens
 from monitor.window import Window
 from serving.engine import EngineClient
 from serving.routing import RoutingTable
@@ -61,6 +61,7 @@ class Monitor:
         self.embed = embed
         self._detectors: dict[str, DriftDetector] = {}
         self._verdicts: dict[str, bool | None] = {}
+        self._baselines: dict[str, Quality] = {}
 
     def adapters(self) -> list[str]:
         """Adapter labels to judge: the base model and every registered adapter (a bounded set)."""
@@ -77,6 +78,7 @@ class Monitor:
         labelled = with_goldens(self.store, live, self.config.window_size)
         scores = quality(labelled)
         exporter.publish_quality(adapter, scores)
+        exporter.publish_baseline(adapter, self._baseline(adapter))
         exporter.publish_calibration(
             adapter,
             calibration(
@@ -84,6 +86,15 @@ class Monitor:
                 bins=self.config.calibration_bins, pairs=scores.pairs,
             ),
         )  # fmt: skip
+
+    def _baseline(self, adapter: str) -> Quality:
+        """The quality of the adapter's first labelled window, scored again only while it fills."""
+        size = self.config.window_size
+        known = self._baselines.get(adapter)
+        if known is None or known.n < size:
+            known = quality(baseline_window(self.store, adapter, size))
+            self._baselines[adapter] = known
+        return known
 
     def check_drift(self) -> None:
         """Each adapter's current window against its reference; a changed verdict is an event."""
@@ -144,8 +155,9 @@ class Monitor:
         )
 
     def checks(self) -> dict[str, tuple[Callable[[], Awaitable[None]], float]]:
-        """Each check as a coroutine to schedule, timed and failure-proof, and its interval."""
-        return {
+        """Each check as a coroutine to schedule, timed and failure-proof, and its interval
+        (published: staleness is judged against it)."""
+        checks = {
             "quality": (
                 _timed("quality", self._check_quality_async),
                 self.config.quality_interval_s,
@@ -153,6 +165,9 @@ class Monitor:
             "golden": (_timed("golden", self.run_goldens), self.config.golden_interval_s),
             "drift": (_timed("drift", self._check_drift_async), self.config.drift_interval_s),
         }
+        for check, (_, interval_s) in checks.items():
+            exporter.CHECK_INTERVAL.labels(check).set(interval_s)
+        return checks
 
 
 def _timed(check: str, job: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:

@@ -132,6 +132,14 @@ def adapter_labels(store: Store, base_adapter: str) -> list[str]:
     return [BASE_LABEL, *registered]
 
 
+def baseline_window(store: Store, adapter: str, size: int) -> Window:
+    """The adapter's first `size` labelled live exchanges and first `size` golden runs: the
+    quality it started with, what its later windows are held against."""
+    live = labelled_exchanges(store, size, adapter=adapter, newest=False)  # oldest first
+    golden = read_window(store, adapter, size, newest=False, routes=("golden",))
+    return Window(adapter, tuple(live) + golden.exchanges)
+
+
 def with_goldens(store: Store, live: Window, size: int) -> Window:
     """A live window plus the adapter's `size` latest golden runs: what quality is judged on."""
     golden = read_window(store, live.adapter, size, routes=("golden",))

@@ -38,6 +38,10 @@ TRAINING_PROGRESS = Gauge(
     "tunewatch_training_job_progress_ratio", "Steps done / total steps of the running job."
 )
 
+REGISTRY_ADAPTERS = Gauge(
+    "tunewatch_registry_adapters", "Registered adapter versions, by status.", ["status"]
+)
+
 STAGES = ("shadow", "canary", "paused", "promoted", "rolled_back")
 ROLLOUT_STAGE = Gauge(
     "tunewatch_rollout_stage",
@@ -71,6 +75,11 @@ ROLLOUT_LATENCY_P95 = Gauge(
     "95th-percentile latency of each side over the rollout.",
     ["adapter", "side"],
 )
+
+
+def publish_registry(counts: dict[str, int]) -> None:
+    for status, count in counts.items():
+        REGISTRY_ADAPTERS.labels(status).set(count)
 
 
 def publish_rollout(adapter: str, stage: str, weight: float) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from serving.engine import adapter_fingerprint
@@ -112,6 +112,14 @@ def change_status(session: Session, name: str, status: Status, reason: str) -> A
     session.add(Event(kind="adapter.status", subject=name, reason=reason,
                       data={"from": previous, "to": status}))  # fmt: skip
     return row
+
+
+def status_counts(store: Store) -> dict[str, int]:
+    """How many versions stand at each status (every status named, zeros included)."""
+    with store.session() as session:
+        rows = session.execute(select(Adapter.status, func.count()).group_by(Adapter.status))
+        counted = dict(rows.tuples().all())
+    return {status: counted.get(status, 0) for status in STATUSES}
 
 
 def versions(store: Store) -> list[AdapterVersion]:

@@ -44,7 +44,7 @@ from monitor.traffic import exchanges_since
 from monitor.window import ExchangeView
 from retrain import metrics, rollout_control
 from retrain.guards import Evidence, judge, paired_test
-from retrain.registry import change_status
+from retrain.registry import change_status, status_counts
 from retrain.rollout import (
     FINISHED,
     Observation,
@@ -208,6 +208,7 @@ class RolloutRunner:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def tick(self) -> None:
+        metrics.publish_registry(await asyncio.to_thread(status_counts, self.store))
         await self._unload_drained()
         for request in await asyncio.to_thread(rollout_control.pending, self.store):
             await self._carry_out(request)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from serving import metrics
 from serving.engine import (
     EngineClient,
     EngineUnavailableError,
@@ -36,7 +37,7 @@ class AdapterSet:
 
     def __init__(self, store: Store, engine: EngineClient, base_adapter: str) -> None:
         self.store, self.engine, self.base_adapter = store, engine, base_adapter
-        self.routing = RoutingTable()
+        self._use_routing(RoutingTable())
         self._registered: dict[str, AdapterRecord] = {}
         self._lock = asyncio.Lock()
 
@@ -85,7 +86,7 @@ class AdapterSet:
             if missing:
                 raise KeyError(f"not registered: {', '.join(missing)}")
             await asyncio.to_thread(self.store.set_routing_table, table, reason)
-            self.routing = table
+            self._use_routing(table)
 
     async def reconcile(self) -> None:
         """Load every registered adapter the engine lacks; pick up routing written elsewhere."""
@@ -94,7 +95,7 @@ class AdapterSet:
             self._registered = {r.name: r for r in records if r.loaded}
             table = await asyncio.to_thread(self.store.routing_table)
             if table is not None:
-                self.routing = table
+                self._use_routing(table)
             try:
                 served = set(await self.engine.model_ids())
                 for record in self._registered.values():
@@ -102,6 +103,10 @@ class AdapterSet:
                         await self._reload(record)
             except EngineUnavailableError:
                 return
+
+    def _use_routing(self, table: RoutingTable) -> None:
+        self.routing = table
+        metrics.publish_routing(table)
 
     async def _reload(self, record: AdapterRecord) -> None:
         """One adapter gone bad (its files deleted, say) must not keep the others off the engine."""

@@ -7,6 +7,9 @@ is an HTTP status code.
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from serving.exchange import BASE_LABEL
+from serving.routing import RoutingTable
+
 # Seconds: a 135M model on CPU answers in 0.1-30 s, a large one on a GPU in 0.05-120 s.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15)
@@ -57,3 +60,25 @@ PROCESS_RESTARTS = Counter(
     "Times a supervised child process was restarted after dying.",
     ["process"],
 )
+ROUTING_ADAPTER = Gauge(
+    "tunewatch_routing_adapter",
+    "1 for the adapter in each role (primary, canary, shadow) of the routing table in force.",
+    ["route", "adapter"],
+)
+ROUTING_CANARY_WEIGHT = Gauge(
+    "tunewatch_routing_canary_weight_ratio", "Share of users the routing table sends to the canary."
+)
+ROUTING_SHADOW_FRACTION = Gauge(
+    "tunewatch_routing_shadow_fraction_ratio", "Share of requests the routing table mirrors."
+)
+
+
+def publish_routing(table: RoutingTable) -> None:
+    """The table in force, whole: a role nobody holds has no series."""
+    ROUTING_ADAPTER.clear()
+    ROUTING_ADAPTER.labels("primary", table.primary or BASE_LABEL).set(1)
+    for route, adapter in (("canary", table.canary), ("shadow", table.shadow)):
+        if adapter is not None:
+            ROUTING_ADAPTER.labels(route, adapter).set(1)
+    ROUTING_CANARY_WEIGHT.set(table.canary_weight)
+    ROUTING_SHADOW_FRACTION.set(table.shadow_fraction)

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gateway import EXCHANGE_HEADER
@@ -304,6 +305,25 @@ def test_a_canary_at_weight_one_answers_every_request(gw) -> None:
     assert response.headers["x-tunewatch-route"] == "canary"
     exchange = gw.exchange(response.headers[EXCHANGE_HEADER])
     assert (exchange.route, exchange.adapter) == ("canary", "v2")
+
+
+def routing_roles() -> set[tuple[str, str]]:
+    [family] = [m for m in REGISTRY.collect() if m.name == "tunewatch_routing_adapter"]
+    return {(s.labels["route"], s.labels["adapter"]) for s in family.samples}
+
+
+def test_the_routing_table_in_force_is_on_metrics_and_a_role_left_empty_has_no_series(gw) -> None:
+    gw.load_adapter("v1")
+    gw.load_adapter("v2")
+    gw.set_routing(primary="v1", canary="v2", canary_weight=0.25, shadow="v2", shadow_fraction=0.5)
+    roles = routing_roles()
+    assert roles == {("primary", "v1"), ("canary", "v2"), ("shadow", "v2")}
+    assert REGISTRY.get_sample_value("tunewatch_routing_canary_weight_ratio") == 0.25
+    assert REGISTRY.get_sample_value("tunewatch_routing_shadow_fraction_ratio") == 0.5
+    gw.set_routing()
+    roles = routing_roles()
+    assert roles == {("primary", "base")}
+    assert REGISTRY.get_sample_value("tunewatch_routing_canary_weight_ratio") == 0.0
 
 
 def test_the_primary_answers_users_outside_the_canary(gw) -> None:

@@ -130,6 +130,26 @@ def test_one_check_pass_exports_signals_quality_and_calibration(store: Store) ->
     assert sample("tunewatch_monitor_check_ok", adapter="base", check="quality") == 0
 
 
+def test_the_baseline_is_the_first_labelled_window_and_stays_once_full(store: Store) -> None:
+    store.register_adapter("tw-base-v1", "/adapters/v1", "f" * 64)
+    answers = ["Paris"] * 4 + ["Lyon"] * 4  # right at first, wrong later
+    rows = [exchange(n, adapter="tw-base-v1", response=a) for n, a in enumerate(answers)]
+    store.record_exchanges(rows)
+    for n in range(8):
+        store.add_feedback(f"x{n:04d}", "Paris", None)
+    monitor = make_monitor(store, MonitorConfig(window_size=4))
+    monitor.check_quality()
+    assert sample("tunewatch_quality_exact_match_ratio", adapter="tw-base-v1") == 0.0
+    assert sample("tunewatch_quality_baseline_exact_match_ratio", adapter="tw-base-v1") == 1.0
+    assert sample("tunewatch_quality_baseline_chrf", adapter="tw-base-v1") == 100.0
+
+
+def test_each_check_publishes_its_schedule(store: Store) -> None:
+    make_monitor(store, MonitorConfig(quality_interval_s=7, drift_interval_s=11)).checks()
+    assert sample("tunewatch_monitor_check_interval_seconds", check="quality") == 7
+    assert sample("tunewatch_monitor_check_interval_seconds", check="drift") == 11
+
+
 def make_monitor(store: Store, config: MonitorConfig) -> Monitor:
     return Monitor(store, config, _engine_answering("-"), base_adapter="identity", embed=embed)
 

@@ -13,6 +13,7 @@ from retrain.registry import (
     next_version,
     register,
     set_status,
+    status_counts,
     versions,
 )
 from serving.engine import InvalidAdapterError
@@ -95,3 +96,14 @@ def test_an_unknown_status_or_adapter_is_refused(store: Store, tmp_path: Path) -
 def test_a_family_name_with_a_slash_is_refused(store: Store) -> None:
     with pytest.raises(RegistryError, match="adapter family"):
         next_version(store, "a/b")
+
+
+def test_status_counts_name_every_status(store: Store, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        register(
+            store, "support", lora_dir(tmp_path, name), parent=None, job_id=None,
+            hyperparameters={}, metrics={}, data={}, reason="test",
+        )  # fmt: skip
+    set_status(store, "support-v1", "failed", "test")
+    counts = status_counts(store)
+    assert (counts["candidate"], counts["failed"], counts["primary"]) == (1, 1, 0)
