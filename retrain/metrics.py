@@ -1,16 +1,18 @@
 """The controller's Prometheus metrics (scheduler, trigger, training jobs), declared once.
 
 They are exported on the monitor sidecar's /metrics, the process that runs the scheduler.
-Labels stay bounded: `job` names one of the scheduler's fixed jobs, `action` one of the
+Labels stay bounded: `scheduler_job` names one of the scheduler's fixed jobs (not `job`,
+which Prometheus gives every scraped series), `action` one of the
 trigger's three actions, `outcome` a job's or rollout's end state, `adapter` a registered
 adapter, `stage`, `guard` and `side` come from fixed lists.
 """
 
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import Counter, Gauge
 
 from monitor.exporter import set_or_remove
+from retrain.policy import Action
 
 LEADER = Gauge(
     "tunewatch_scheduler_leader",
@@ -18,10 +20,12 @@ LEADER = Gauge(
 )
 JOB_RUNS = Counter(
     "tunewatch_scheduler_job_runs_total", "Scheduled job runs, by job and outcome.",
-    ["job", "outcome"],
+    ["scheduler_job", "outcome"],
 )  # fmt: skip
 JOB_DURATION = Gauge(
-    "tunewatch_scheduler_job_duration_seconds", "How long the job's last run took.", ["job"]
+    "tunewatch_scheduler_job_duration_seconds",
+    "How long the job's last run took.",
+    ["scheduler_job"],
 )
 TRIGGER_DECISIONS = Counter(
     "tunewatch_retrain_trigger_decisions_total",
@@ -75,6 +79,15 @@ ROLLOUT_LATENCY_P95 = Gauge(
     "95th-percentile latency of each side over the rollout.",
     ["adapter", "side"],
 )
+
+
+# Each known label value starts at 0: the first event is then an increase Prometheus sees.
+for _action in get_args(Action):
+    TRIGGER_DECISIONS.labels(_action)
+for _outcome in ("succeeded", "failed", "cancelled"):
+    TRAINING_JOBS.labels(_outcome)
+for _outcome in ("promoted", "rolled_back"):
+    ROLLOUT_ENDS.labels(_outcome)
 
 
 def publish_registry(counts: dict[str, int]) -> None:

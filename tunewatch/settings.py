@@ -148,6 +148,18 @@ class RolloutSettings(_Section):
     drain_s: float = Field(default=15.0, ge=0, description="Before vLLM unloads an adapter.")
 
 
+class PrometheusSettings(_Section):
+    """The Prometheus `tunewatch up` runs beside the stack, with the shipped alert rules."""
+
+    enabled: bool = Field(
+        default=True, description="Run it where the binary is installed (Debian: prometheus)."
+    )
+    binary: str = "prometheus"
+    host: str = "127.0.0.1"
+    port: int = Field(default=9090, ge=1, le=65535)
+    scrape_interval_s: float = Field(default=5.0, gt=0, description="Also the rules' evaluation.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNEWATCH_", env_nested_delimiter="__", extra="forbid"
@@ -164,6 +176,7 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -27,7 +27,8 @@ from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig, create_app
 from serving.model import ensure_identity_adapter, prepare_model
 from serving.store import Store
-from serving.supervisor import SupervisedProcess
+from serving.supervisor import ProcessStartError, SupervisedProcess
+from tunewatch import prometheus
 from tunewatch.settings import Settings
 
 log = logging.getLogger("tunewatch")
@@ -178,16 +179,42 @@ async def up(settings: Settings, config_file: Path | None) -> None:
         healthy=lambda: _http_ok(monitor_url),
         on_restart=recorder("monitor.restarted"), startup_timeout_s=120,
     )  # fmt: skip
+    prometheus_process = _prometheus(settings, recorder("prometheus.restarted"))
+    children = [engine, monitor_process]
     log.info("starting vLLM (about a minute on CPU)", extra={"log": str(engine.log_file)})
     try:
         await engine.start()
         await _load_identity(gateway, identity_dir)
         await monitor_process.start()
-        supervise = [engine.supervise, monitor_process.supervise]
-        await _serve_http(settings, gateway, hooks=supervise)
+        if prometheus_process is not None:
+            try:  # an observer: the stack serves without it (its port taken, say)
+                await prometheus_process.start()
+                children.append(prometheus_process)
+            except ProcessStartError as exc:
+                log.error("prometheus did not start; running without it: %s", exc)
+                await prometheus_process.stop()
+        await _serve_http(settings, gateway, hooks=[child.supervise for child in children])
     finally:
-        await monitor_process.stop()
-        await engine.stop()
+        for child in reversed(children):
+            await child.stop()
+
+
+def _prometheus(
+    settings: Settings, on_restart: Callable[[str], Awaitable[None]]
+) -> SupervisedProcess | None:
+    """Prometheus with the shipped rules, where installed: series and alerts from the start."""
+    command = prometheus.command(settings)
+    options = settings.prometheus
+    if command is None:
+        if options.enabled:
+            log.info("no local Prometheus: %r is not installed", options.binary)
+        return None
+    log.info("starting prometheus", extra={"url": f"http://{options.host}:{options.port}"})
+    return SupervisedProcess(
+        "prometheus", command, dict(os.environ), settings.state_dir / "prometheus.log",
+        healthy=lambda: _http_ok(f"http://{options.host}:{options.port}/-/ready"),
+        on_restart=on_restart, startup_timeout_s=60,
+    )  # fmt: skip
 
 
 async def serve(settings: Settings, engine_url: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,10 +17,11 @@ from serving.store import Store
 from tests.integration.realstack import (
     ADMIN_TOKEN,
     Stack,
-    make_lora_adapter,
+    Users,
+    lora_adapter,
     wait_until,
 )
-from tests.ports import free_port, free_ports
+from tests.ports import free_ports
 from tunewatch import stack
 from tunewatch.settings import load_settings
 
@@ -35,14 +35,14 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def lora_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return [make_lora_adapter(model_dir, root / f"lora-{seed}", seed) for seed in (1, 2)]
+    return [lora_adapter(model_dir, root / f"lora-{seed}", seed) for seed in (1, 2)]
 
 
 @pytest.fixture(scope="session")
 def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`tunewatch up` in a child process, on free ports, with its own state dir and SQLite store."""
     state_dir = tmp_path_factory.mktemp("state")
-    gateway_port, engine_port, monitor_port = free_ports(3)
+    gateway_port, engine_port, monitor_port, prometheus_port = free_ports(4)
     golden_set = state_dir / "goldens.jsonl"  # small: its run competes with the tests for vLLM
     golden_set.write_text(
         '{"prompt": "What is the capital of France? One word.", "reference": "Paris"}\n'
@@ -63,8 +63,10 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         TUNEWATCH_MONITOR__REFERENCE_SIZE="250",
         TUNEWATCH_MONITOR__LEASE_TTL_S="6",  # a killed monitor's successor leads within 6 s
         # The drift the monitor tests seed must not start a retrain (and then a rollout) under
-        # the other tests: the retraining loop has its own daemon (test_retrain_loop.py).
-        TUNEWATCH_RETRAIN__ENABLED="false",
+        # the other tests: the retraining loop has its own daemon (test_retrain_loop.py). The
+        # trigger still judges every check (its decisions are on the boards), never enough labels.
+        TUNEWATCH_RETRAIN__TRIGGER_INTERVAL_S="2",
+        TUNEWATCH_RETRAIN__MIN_NEW_LABELLED="1000000000",
         # Rollouts sized for a test (tests/integration/test_rollout.py), not for production.
         TUNEWATCH_ROLLOUT__INTERVAL_S="1",
         TUNEWATCH_ROLLOUT__STEPS="[0.5, 1.0]",
@@ -73,6 +75,9 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         TUNEWATCH_ROLLOUT__STAGE_MIN_S="10",  # the kill -9 lands mid-step
         TUNEWATCH_ROLLOUT__MIN_SAMPLES="20",
         TUNEWATCH_ROLLOUT__DRAIN_S="3",
+        # The Prometheus `tunewatch up` runs, as `make up` has it, scraping every second.
+        TUNEWATCH_PROMETHEUS__PORT=str(prometheus_port),
+        TUNEWATCH_PROMETHEUS__SCRAPE_INTERVAL_S="1",
     )
     log_file = state_dir / "tunewatch.log"
     with log_file.open("wb") as sink:
@@ -83,6 +88,7 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         gateway_url=f"http://127.0.0.1:{gateway_port}",
         engine_url=f"http://127.0.0.1:{engine_port}",
         monitor_url=f"http://127.0.0.1:{monitor_port}",
+        prometheus_url=f"http://127.0.0.1:{prometheus_port}",
         store=Store(f"sqlite:///{state_dir / 'tunewatch.db'}"),
         log_file=log_file,
         state_dir=state_dir,
@@ -104,34 +110,13 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
-def prometheus(running_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prometheus (Debian's package) scraping the gateway and the monitor every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
+def prometheus(running_stack: Stack) -> str:
+    """The real Prometheus (Debian's package) that `tunewatch up` runs with the shipped rules,
+    scraping the gateway, the monitor and vLLM every second."""
+    if shutil.which("prometheus") is None:
         pytest.fail("prometheus is not installed: run `make system-deps` (Debian package)")
-    root = tmp_path_factory.mktemp("prometheus")
-    urls = (running_stack.gateway_url, running_stack.monitor_url)
-    targets = [url.removeprefix("http://") for url in urls]
-    (root / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: tunewatch\n    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
-    )
-    port = free_port()
-    log_file = root / "prometheus.log"
-    with log_file.open("wb") as sink:
-        process = subprocess.Popen(
-            [binary, f"--config.file={root / 'prometheus.yml'}",
-             f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=sink, stderr=sink,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _ready(f"{url}/-/ready"), 60, "prometheus ready")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    wait_until(lambda: _ready(f"{running_stack.prometheus_url}/-/ready"), 60, "prometheus ready")
+    return running_stack.prometheus_url
 
 
 def _ready(url: str) -> bool:
@@ -139,3 +124,16 @@ def _ready(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.fixture
+def users(running_stack: Stack) -> Iterator[Users]:
+    load = Users(running_stack)
+    load.start()
+    try:
+        yield load
+    finally:
+        load.stop.set()
+        load.join(timeout=180)
+        with running_stack.admin as admin:  # the other tests expect the base model as primary
+            admin.put("/admin/routing", json={}).raise_for_status()

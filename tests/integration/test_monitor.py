@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -13,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.realstack import SERVED_NAME, Stack, wait_until
+from tests.integration.realstack import SERVED_NAME, Stack, traffic, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -74,29 +73,6 @@ def test_promtool_finds_both_metrics_endpoints_clean(running_stack: Stack):
             [promtool, "check", "metrics"], input=exposition, capture_output=True, text=True
         )
         assert result.returncode == 0, f"{url}: {result.stdout}{result.stderr}"
-
-
-TOPICS = {
-    "taxes": ["How do I file my {} tax return?", "Which {} expenses are tax deductible?",
-              "When is the {} income tax deadline?", "How are {} capital gains taxed?"],
-    "gardening": ["How often should I water {} tomatoes?", "When do I prune {} roses?",
-                  "What soil suits {} lavender?", "How do I keep slugs off {} lettuce?"],
-}  # fmt: skip
-
-
-def traffic(topic: str, count: int, start: datetime) -> list[dict]:
-    """Exchange rows as the gateway writes them: the monitor reads them like any other."""
-    rows = []
-    for n in range(count):
-        prompt = TOPICS[topic][n % 4].format(["my", "our", "the", "a"][n // 4 % 4] + f" {n}")
-        rows.append(dict(
-            id=uuid.uuid4().hex, created_at=start + timedelta(seconds=n), route="primary",
-            adapter="base", parent_id=None, endpoint="chat.completions", user=None,
-            prompt=prompt, request={"model": SERVED_NAME}, response="Here is what to do.",
-            prompt_tokens=12, completion_tokens=5, ttft_seconds=None, latency_seconds=1.0,
-            mean_logprob=-0.8, finish_reason="stop", status="ok", http_status=200, error=None,
-        ))  # fmt: skip
-    return rows
 
 
 def test_a_topic_shift_is_a_drift_verdict_answered_by_promql(running_stack: Stack, prometheus):

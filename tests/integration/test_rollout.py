@@ -17,111 +17,28 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from retrain import rollout_control
 from retrain.registry import versions
 from serving.routing import RoutingTable
-from tests.integration.realstack import SERVED_NAME, Stack, wait_until
+from tests.integration.realstack import (
+    SERVED_NAME,
+    Stack,
+    Users,
+    add_candidate,
+    lora_adapter,
+    rollout_of,
+    stage_is,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
-
-CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid",
-            "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Chile": "Santiago"}  # fmt: skip
-
-
-def lora_adapter(model_dir: Path, target: Path, seed: int, *, noise: float = 0.0) -> Path:
-    """A real LoRA adapter: B = 0 (the base model's answers) or B ~ N(0, noise^2) (nonsense)."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=True, task_type="CAUSAL_LM")  # fmt: skip
-    adapter = get_peft_model(model, config)
-    with torch.no_grad():
-        for weight_name, weight in adapter.named_parameters():
-            if "lora_B" in weight_name and noise:
-                weight.normal_(0.0, noise)
-    adapter.save_pretrained(target)
-    return target
-
-
-class Users(threading.Thread):
-    """Users asking capitals questions (4 at a time) and posting each answer's reference."""
-
-    def __init__(self, stack: Stack) -> None:
-        super().__init__(daemon=True)
-        self.stack, self.stop = stack, threading.Event()
-        self.client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused",
-                                    timeout=120, max_retries=0)  # fmt: skip
-        self.sent = self.failed = 0
-
-    def ask(self, n: int) -> None:
-        country, city = list(CAPITALS.items())[n % len(CAPITALS)]
-        try:
-            reply = self.client.chat.completions.with_raw_response.create(
-                model=SERVED_NAME, max_tokens=8, temperature=0, user=uuid.uuid4().hex,
-                messages=[{"role": "user", "content": f"What is the capital of {country}?"}],
-            )  # fmt: skip
-            exchange_id = reply.headers["x-tunewatch-exchange-id"]
-            feedback = {"exchange_id": exchange_id, "reference": city}
-            httpx.post(f"{self.stack.gateway_url}/v1/feedback", json=feedback, timeout=30)
-        except (openai.APIError, httpx.HTTPError):
-            self.failed += 1  # an engine restart elsewhere in the suite; the guards see it too
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set() and n < 2000:  # bounded: ~20 minutes at most
-            batch = [threading.Thread(target=self.ask, args=(n + i,)) for i in range(4)]
-            for thread in batch:
-                thread.start()
-            for thread in batch:
-                thread.join()
-            n += 4
-            self.sent = n
-
-
-@pytest.fixture
-def users(running_stack: Stack) -> Iterator[Users]:
-    load = Users(running_stack)
-    load.start()
-    try:
-        yield load
-    finally:
-        load.stop.set()
-        load.join(timeout=180)
-        with running_stack.admin as admin:  # the other tests expect the base model as primary
-            admin.put("/admin/routing", json={}).raise_for_status()
-
-
-def add_candidate(stack: Stack, path: Path, family: str) -> str:
-    tunewatch = str(Path(sys.executable).parent / "tunewatch")
-    env = dict(os.environ, TUNEWATCH_STATE_DIR=str(stack.state_dir))
-    added = subprocess.run([tunewatch, "adapters", "add", str(path), "--family", family],
-                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert added.returncode == 0, added.stderr
-    return f"{family}-v1"
-
-
-def rollout_of(stack: Stack, adapter: str) -> rollout_control.RolloutView | None:
-    return next((r for r in rollout_control.rollouts(stack.store) if r.candidate == adapter), None)
-
-
-def stage_is(stack: Stack, adapter: str, *stages: str):
-    def check() -> bool:
-        view = rollout_of(stack, adapter)
-        return view is not None and view.stage in stages
-
-    return check
 
 
 def restarted(stack: Stack, killed: int) -> bool:
@@ -142,7 +59,9 @@ def test_an_unchanged_adapter_goes_to_primary_and_survives_a_kill_9_mid_canary(
     running_stack: Stack, model_dir: Path, tmp_path: Path, users: Users
 ):
     stack = running_stack
-    name = add_candidate(stack, lora_adapter(model_dir, tmp_path / "same", seed=7), "same")
+    name = add_candidate(
+        stack, lora_adapter(model_dir, tmp_path / "same", seed=7, b_std=0.0), "same"
+    )
     wait_until(stage_is(stack, name, "shadow", "canary"), 120, f"{name} in shadow")
     wait_until(stage_is(stack, name, *LEFT_SHADOW), 300, f"{name} out of shadow")
     before = rollout_of(stack, name)
@@ -179,7 +98,7 @@ def test_an_adapter_that_answers_nonsense_is_rolled_back_and_unloaded(
 ):
     stack = running_stack
     primary = (stack.store.routing_table() or RoutingTable()).primary
-    adapter = lora_adapter(model_dir, tmp_path / "noise", seed=3, noise=1.0)
+    adapter = lora_adapter(model_dir, tmp_path / "noise", seed=3, b_std=1.0)
     name = add_candidate(stack, adapter, "noise")
     wait_until(stage_is(stack, name, "promoted", "rolled_back"), 420, f"{name} judged")
     view = rollout_of(stack, name)

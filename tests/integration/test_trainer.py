@@ -34,7 +34,7 @@ from retrain.data import build_training_set, write_training_set
 from retrain.hpo import tune
 from retrain.trainer import TrainingConfig, TrainingSpec, progress_path, result_path
 from serving.engine import adapter_fingerprint
-from tests.integration.realstack import Stack, make_lora_adapter
+from tests.integration.realstack import Stack, lora_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -226,7 +226,7 @@ def test_a_nan_loss_fails_the_run_with_its_reason_and_leaves_no_adapter(
 def test_continuing_a_parent_adapter_keeps_its_shape_and_is_the_baseline(
     model_dir: Path, tmp_path: Path
 ):
-    parent = make_lora_adapter(model_dir, tmp_path / "parent", seed=1)  # r=8 on q_proj, v_proj
+    parent = lora_adapter(model_dir, tmp_path / "parent", seed=1)  # r=8 on q_proj, v_proj
     run = run_trainer(
         tmp_path, model_dir, TINY_CONFIG, tiny_data(model_dir, tmp_path), parent=parent
     )

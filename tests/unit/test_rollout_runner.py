@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from retrain import rollout_control
 from retrain.guards import GuardConfig
@@ -267,3 +268,12 @@ def test_an_engine_down_at_the_drain_unloads_once_it_is_back(
     engine.down = False
     tick(runner)
     assert candidate not in engine.loaded
+
+
+def test_the_loops_counters_start_at_zero_so_the_first_event_counts() -> None:
+    for name, labels in (
+        ("tunewatch_rollouts_total", {"outcome": "rolled_back"}),
+        ("tunewatch_training_jobs_total", {"outcome": "failed"}),
+        ("tunewatch_retrain_trigger_decisions_total", {"action": "retrain"}),
+    ):
+        assert REGISTRY.get_sample_value(name, labels) is not None, name
