@@ -44,9 +44,10 @@ def ratio(numerator: str, denominator: str) -> str:
 
 
 def quantile(q: float, histogram: str, by: str = "") -> str:
-    """The q-quantile of a histogram's rate over the interval, per `by` labels."""
+    """The q-quantile of a histogram's rate over the interval, per `by` labels; a series with
+    no observations in the interval (NaN) is dropped: a gap, not NaN."""
     labels = f"le, {by}" if by else "le"
-    return f"histogram_quantile({q}, sum by ({labels}) ({rate(histogram)}))"
+    return f"histogram_quantile({q}, sum by ({labels}) ({rate(histogram)})) >= 0"
 
 
 def selector(metric: str, *matchers: str) -> str:

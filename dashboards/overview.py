@@ -16,6 +16,9 @@ from dashboards.common import (
 )
 
 UP = {0: ("down", "red"), 1: ("up", "green")}
+# The routing gauges as the gateways see them: every process that imports serving/ declares
+# them, and the monitor's would read 0. Several gateways agree on one table.
+GATEWAY = 'max({}{{job="tunewatch-gateway"}})'
 
 BOARD = board(
     "overview",
@@ -37,13 +40,13 @@ BOARD = board(
                 stat_panel(
                     "Canary weight",
                     "Share of users the canary answers. 0 while no rollout is in its canary steps.",
-                    Query("tunewatch_routing_canary_weight_ratio", "canary"),
+                    Query(GATEWAY.format("tunewatch_routing_canary_weight_ratio"), "canary"),
                     unit="percentunit",
                 ),
                 stat_panel(
                     "Shadow fraction",
                     "Share of primary and canary requests replayed on the shadow adapter.",
-                    Query("tunewatch_routing_shadow_fraction_ratio", "shadow"),
+                    Query(GATEWAY.format("tunewatch_routing_shadow_fraction_ratio"), "shadow"),
                     unit="percentunit",
                 ),
                 stat_panel(
