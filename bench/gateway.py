@@ -56,7 +56,7 @@ from rich.table import Table
 from serving.adapters import AdapterSet
 from serving.engine import EngineClient
 from serving.gateway import Gateway, GatewayConfig, create_app
-from serving.store import Store
+from store import Store
 from tests.ports import free_port
 from tunewatch.settings import Settings, load_settings
 from tunewatch.stack import build_gateway, prepare

@@ -37,7 +37,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
-from serving.store import DriftCheck, Event, Store, TrainingJob
+from store import Store
+from store.drift import DriftCheck
+from store.events import Event
+from store.jobs import TrainingJob
 from tests.ports import free_port
 
 TAXES = ["How do I file my {} tax return?", "Which {} expenses are tax deductible?",

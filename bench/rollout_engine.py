@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from retrain import rollout_control
-from serving.store import Store
+from store import Store
 from tests.ports import free_ports
 from tunewatch import stack
 from tunewatch.settings import load_settings

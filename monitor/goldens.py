@@ -16,7 +16,7 @@ from pathlib import Path
 from serving.engine import EngineClient
 from serving.exchange import ExchangeDraft, answer_whole
 from serving.protocol import ChatCompletionRequest
-from serving.store import Store
+from store import Store
 
 DEFAULT_GOLDEN_SET = Path(__file__).parent / "goldens" / "capitals.jsonl"
 

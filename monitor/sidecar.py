@@ -25,8 +25,8 @@ from monitor.signals import signals
 from monitor.traffic import adapter_labels, baseline_window, read_window, with_goldens
 from monitor.window import Window
 from serving.engine import EngineClient
-from serving.routing import RoutingTable
-from serving.store import Store
+from store import Store
+from store.adapters import RoutingTable
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 
 from monitor.window import ExchangeView, Window
 from serving.exchange import BASE_LABEL
-from serving.store import Exchange, Feedback, Store
+from store import Store
+from store.exchanges import Exchange, Feedback
 
 # Live traffic: what users sent. Golden runs are judged apart; shadow replays are live
 # prompts answered by another adapter, so they count for that adapter.

@@ -45,7 +45,8 @@ from retrain import metrics
 from retrain.data import TrainingDataError, build_training_set, write_training_set
 from retrain.registry import family_of, register
 from retrain.trainer import TrainingConfig, TrainingSpec, result_path
-from serving.store import Store, TrainingJob
+from store import Store
+from store.jobs import TrainingJob
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from serving.engine import adapter_fingerprint
-from serving.store import Adapter, Event, Store
+from store import Store
+from store.adapters import Adapter
+from store.events import Event
 
 Status = Literal["registered", "candidate", "shadow", "canary", "primary", "retired", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)

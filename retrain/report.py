@@ -50,7 +50,10 @@ from monitor.quality import answer_score
 from monitor.traffic import exchanges_by_id, exchanges_since
 from monitor.window import ExchangeView
 from serving.exchange import BASE_LABEL
-from serving.store import Event, Rollout, Store, utcnow
+from store import Store
+from store.base import utcnow
+from store.events import Event
+from store.rollouts import Rollout
 
 PRIMARY_ROUTES = ("primary", "golden")
 CANDIDATE_ROUTES = ("shadow", "canary", "golden")

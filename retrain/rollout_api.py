@@ -13,7 +13,7 @@ from retrain import rollout_control
 from retrain.protocol import CommandInfo, RolloutInfo, RolloutStartRequest
 from retrain.rollout import RolloutRefusal
 from serving.protocol import OpenAIError
-from serving.store import Store
+from store import Store
 
 
 def rollout_router(store: Store) -> APIRouter:

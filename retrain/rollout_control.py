@@ -19,8 +19,9 @@ from sqlalchemy import select
 
 from retrain.guards import GuardConfig
 from retrain.rollout import ACTIVE, Command, RolloutConfig, RolloutRefusal, RolloutState, command
-from serving.routing import RoutingTable
-from serving.store import Adapter, Rollout, RolloutCommand, Store
+from store import Store
+from store.adapters import Adapter, RoutingTable
+from store.rollouts import Rollout, RolloutCommand
 
 STARTABLE = ("candidate", "registered")  # adapter statuses a rollout may start from
 COMMANDS: tuple[str, ...] = ("start", "pause", "resume", "promote", "rollback")

@@ -59,15 +59,10 @@ from retrain.rollout import (
 from retrain.rollout_control import CommandView, config_from_dict, config_to_dict
 from serving.engine import EngineClient, EngineUnavailableError, InvalidAdapterError
 from serving.exchange import BASE_LABEL
-from serving.routing import RoutingTable
-from serving.store import (
-    Adapter,
-    ControllerState,
-    Event,
-    Rollout,
-    Store,
-    add_routing_change,
-)
+from store import Store
+from store.adapters import Adapter, RoutingTable, add_routing_change
+from store.events import ControllerState, Event
+from store.rollouts import Rollout
 
 log = logging.getLogger(__name__)
 

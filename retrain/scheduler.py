@@ -40,7 +40,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from retrain import metrics
-from serving.store import Store
+from store import Store
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,8 @@ from retrain.data import (
     read_examples,
     render,
 )
-from serving.store import Store, TrainingJob
+from store import Store
+from store.jobs import TrainingJob
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 

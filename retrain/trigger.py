@@ -25,8 +25,9 @@ from monitor.window import ExchangeView, Window
 from retrain import jobs, metrics
 from retrain.policy import JobStatus, Observation, TriggerConfig, TriggerState, decide
 from serving.exchange import BASE_LABEL
-from serving.routing import RoutingTable
-from serving.store import Adapter, DriftCheck, Store
+from store import Store
+from store.adapters import Adapter, RoutingTable
+from store.drift import DriftCheck
 
 log = logging.getLogger(__name__)
 

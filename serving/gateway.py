@@ -40,8 +40,10 @@ from serving.protocol import (
     OpenAIError,
 )
 from serving.recorder import ExchangeRecorder
-from serving.routing import Decision, RoutingTable, decide
-from serving.store import AdapterNameTakenError, Store, UnknownExchangeError
+from serving.routing import RouteChoice, choose_route
+from store import Store
+from store.adapters import AdapterNameTakenError, RoutingTable
+from store.exchanges import UnknownExchangeError
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +81,15 @@ class Gateway:
 
     # routing
 
-    def route(self, request: InferenceRequest, header_user: str | None) -> Decision:
+    def route(self, request: InferenceRequest, header_user: str | None) -> RouteChoice:
         """The served model name follows the routing table; an adapter's own name pins it."""
         if request.model == self.config.served_model_name:
-            return decide(self.adapters.routing, request.user or header_user, self.rng)
+            return choose_route(self.adapters.routing, request.user or header_user, self.rng)
         if (
             self.adapters.is_registered(request.model)
             and request.model != self.adapters.base_adapter
         ):
-            return Decision("pinned", request.model, None)
+            return RouteChoice("pinned", request.model, None)
         raise OpenAIError(
             404,
             f"The model '{request.model}' does not exist. Use '{self.config.served_model_name}' "

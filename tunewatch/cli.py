@@ -19,9 +19,10 @@ from monitor.goldens import GoldenSetError
 from retrain.registry import RegistryError, register, versions
 from serving.engine import InvalidAdapterError
 from serving.model import ModelNotFoundError
-from serving.routing import RoutingTable
-from serving.store import SchemaMismatchError, Store
 from serving.supervisor import ProcessStartError
+from store import Store
+from store.adapters import RoutingTable
+from store.base import SchemaMismatchError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
 from tunewatch.status import status_table

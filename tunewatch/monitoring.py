@@ -23,7 +23,7 @@ from retrain.rollout_runner import RolloutRunner
 from retrain.scheduler import PeriodicJob, Scheduler
 from retrain.trigger import Trigger
 from serving.engine import EngineClient
-from serving.store import Store
+from store import Store
 from tunewatch.retraining import quality_signal, retrain_config, runner_config, trigger_config
 from tunewatch.settings import Settings, SettingsError
 from tunewatch.stack import identity_adapter_name, prepare

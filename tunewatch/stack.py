@@ -26,8 +26,8 @@ from serving.adapters import AdapterSet
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig, create_app
 from serving.model import ensure_identity_adapter, prepare_model
-from serving.store import Store
 from serving.supervisor import ProcessStartError, SupervisedProcess
+from store import Store
 from tunewatch import prometheus
 from tunewatch.settings import Settings
 

@@ -9,8 +9,8 @@ from monitor.quality import quality
 from monitor.signals import signals
 from monitor.traffic import adapter_labels, read_window, with_goldens
 from serving.exchange import BASE_LABEL
-from serving.routing import RoutingTable
-from serving.store import Store
+from store import Store
+from store.adapters import RoutingTable
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

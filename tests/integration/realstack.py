@@ -18,7 +18,7 @@ import openai
 import psutil
 
 from retrain import rollout_control
-from serving.store import Store
+from store import Store
 
 ADMIN_TOKEN = "integration-admin-token"
 SERVED_NAME = "smollm2-135m-instruct"

@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from retrain.registry import versions
-from serving.store import Store, TrainingJob
+from store import Store
+from store.jobs import TrainingJob
 from tests.integration.realstack import wait_until
 from tests.integration.test_trainer import capitals
 from tests.ports import free_port

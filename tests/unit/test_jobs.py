@@ -28,7 +28,7 @@ from retrain.jobs import (
 )
 from retrain.registry import versions
 from retrain.trainer import TrainingConfig
-from serving.store import Store
+from store import Store
 from tests.unit.conftest import write_adapter
 from tests.unit.views import exchange_record
 from tunewatch import stack

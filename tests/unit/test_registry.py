@@ -17,7 +17,7 @@ from retrain.registry import (
     versions,
 )
 from serving.engine import InvalidAdapterError
-from serving.store import Store
+from store import Store
 
 
 @pytest.fixture

@@ -20,7 +20,9 @@ from retrain.report import (
     render_html,
     render_table,
 )
-from serving.store import Event, Rollout, Store
+from store import Store
+from store.events import Event
+from store.rollouts import Rollout
 from tests.unit.views import T0, exchange_record
 
 CANDIDATE = "cand-1"

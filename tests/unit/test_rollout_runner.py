@@ -18,8 +18,8 @@ from retrain.registry import register, set_status, versions
 from retrain.rollout import RolloutConfig, RolloutRefusal
 from retrain.rollout_runner import RolloutRunner, RunnerConfig
 from serving.engine import EngineClient
-from serving.routing import RoutingTable
-from serving.store import Store
+from store import Store
+from store.adapters import RoutingTable
 from tests.unit.conftest import ENGINE_URL, FakeEngine, write_adapter
 from tests.unit.views import exchange_record
 

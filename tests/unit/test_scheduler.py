@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from retrain.scheduler import LEASE, PeriodicJob, Scheduler
-from serving.store import Store
+from store import Store
 
 
 @pytest.fixture
