@@ -1,7 +1,7 @@
 """What the trainer costs: retrain.trainer against a plain PEFT + torch loop on the same data;
 and, asked for, how well HPO's 20% scores predict the final ones. Prints figures; asserts nothing.
 
-trainer   `retrain.trainer.train` as the daemon runs it, minus the final generation: the
+trainer   `retrain.training.lora.train` as the daemon runs it, minus the final generation: the
           transformers Trainer with per-epoch validation, a checkpoint per epoch, the best
           epoch restored at the end, the NaN guard and the progress callback.
 plain     the least a LoRA fine-tune has to do: the same model, LoRA config, collator,
@@ -14,8 +14,8 @@ Throughput: training samples per second, and non-padding tokens per second. On 2
 cores the wall times follow whoever else wants the cores: compare figures of one run only;
 the process CPU time of each whole run (loading included, the same for both) is steadier.
 
-hpo       with --hpo-trials N (default 0: none), `retrain.hpo.tune` searches N trials on the
-          same data and config (--epochs), each judged at --hpo-budget (0.2) of its steps;
+hpo       with --hpo-trials N (default 0: none), `retrain.training.hpo.tune` searches N trials
+          on the same data and config (--epochs), each judged at --hpo-budget (0.2) of its steps;
           then every trial is trained to the full budget, to see whether the early ranking
           was the final one: a table of the trials (params, early and final validation loss,
           both ranks), Spearman's rho between the two with its p-value, whether the early
@@ -46,8 +46,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from retrain.data import build_training_set, read_examples, render, write_training_set
-from retrain.hpo import TrialResult, finish, rank_agreement, tune
-from retrain.trainer import TrainingConfig, TrainingSpec, train
+from retrain.training.hpo import TrialResult, finish, rank_agreement, tune
+from retrain.training.lora import train
+from retrain.training.spec import TrainingConfig, TrainingSpec
 from tunewatch import stack
 from tunewatch.settings import load_settings
 

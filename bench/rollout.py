@@ -2,7 +2,7 @@
 
 Simulated rollouts, judged four ways on the same simulated requests (common random numbers):
 
-tunewatch    `retrain.guards.judge` on ALL the evidence of the rollout so far, after every
+tunewatch    `rollout.guards.judge` on ALL the evidence of the rollout so far, after every
              interval (confidence sequences; alpha 0.05 over the whole rollout, split over
              the three guards). Rows for the defaults and, on the gpu profile, for a
              configuration scaled to its traffic (`planned_samples`).
@@ -58,7 +58,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from retrain.guards import Evidence, GuardConfig, Summary, boundary, judge
+from rollout.guards import Evidence, GuardConfig, Summary, boundary, judge
 
 P_EXACT = 0.6
 LATENCY_SIGMA = 0.4  # log-sd; median 1 s

@@ -37,7 +37,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
-from retrain import rollout_control
+from rollout import control
 from store import Store
 from tests.ports import free_ports
 from tunewatch import stack
@@ -128,7 +128,7 @@ def run(state_dir: Path, model_dir: Path, args: argparse.Namespace) -> None:
         answered_at_add = load.answered
         print("candidate same-v1 added; the controller rolls it out")
         while time.monotonic() - added < args.timeout:
-            views = [v for v in rollout_control.rollouts(store) if v.candidate == "same-v1"]
+            views = [v for v in control.rollouts(store) if v.candidate == "same-v1"]
             if views:
                 where = (views[0].stage, views[0].weight)
                 if where != seen:
@@ -141,7 +141,7 @@ def run(state_dir: Path, model_dir: Path, args: argparse.Namespace) -> None:
         seconds = time.monotonic() - added
         answered = load.answered - answered_at_add
         load.stop.set()
-        final = next((v for v in rollout_control.rollouts(store) if v.candidate == "same-v1"), None)
+        final = next((v for v in control.rollouts(store) if v.candidate == "same-v1"), None)
         print(f"rollout: {final.stage if final else 'never started'} after {seconds:.0f} s; "
               f"{answered} requests answered meanwhile ({answered / seconds:.2f}/s), "
               f"{load.failed} failed")  # fmt: skip

@@ -1,7 +1,7 @@
 """The monitor sidecar: reads the recorded traffic on a schedule and exports what it finds.
 
 It runs in its own process (`tunewatch monitor`, started by `tunewatch up`), so a crash or
-a slow drift check never touches serving. The daemon's scheduler (retrain/scheduler.py)
+a slow drift check never touches serving. The daemon's scheduler (controller/scheduler.py)
 runs each check on a worker thread, one instance at a time; a check that fails is logged
 and counted, its figures go stale (`tunewatch_monitor_check_ok` = 0), and the next run
 tries again.

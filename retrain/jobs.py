@@ -41,10 +41,10 @@ from transformers import AutoTokenizer
 
 from monitor.goldens import load_golden_set
 from monitor.traffic import labelled_exchanges
+from registry.versions import family_of, register
 from retrain import metrics
 from retrain.data import TrainingDataError, build_training_set, write_training_set
-from retrain.registry import family_of, register
-from retrain.trainer import TrainingConfig, TrainingSpec, result_path
+from retrain.training.spec import TrainingConfig, TrainingSpec, result_path
 from store import Store
 from store.jobs import TrainingJob
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from monitor.goldens import GoldenSetError
-from retrain.registry import RegistryError, register, versions
+from registry.versions import RegistryError, register, versions
 from serving.engine import InvalidAdapterError
 from serving.model import ModelNotFoundError
 from serving.supervisor import ProcessStartError
@@ -202,17 +202,17 @@ def adapters_add(
 
 def _rollout_request(config: Path | None, command: str, adapter: str | None = None) -> None:
     """One code path with the admin API: check, queue, and follow to the outcome."""
-    from retrain import rollout_control
-    from retrain.rollout import RolloutRefusal
+    from rollout import control
+    from rollout.machine import RolloutRefusal
 
     store = _store(_settings(config))
     try:
-        queued = rollout_control.request(store, command, adapter=adapter, by="cli")
+        queued = control.request(store, command, adapter=adapter, by="cli")
     except RolloutRefusal as exc:
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(1) from None
     with console.status(f"{command}: waiting for the controller (tunewatch monitor)..."):
-        outcome = rollout_control.wait(store, queued.id, timeout_s=60)
+        outcome = control.wait(store, queued.id, timeout_s=60)
     if outcome.status == "pending":
         console.print(
             f"{command} is queued (command {outcome.id}); the controller carries it out on its "
@@ -228,19 +228,19 @@ def _rollout_request(config: Path | None, command: str, adapter: str | None = No
 @rollout_app.command("status")
 def rollout_status(config: ConfigOption = None) -> None:
     """The rollout in progress (stage, weight, what it waits for, the guards) and past ones."""
-    from retrain import rollout_control
+    from rollout import control
 
     store = _store(_settings(config))
     table = Table(title="rollouts")
     for column in ("id", "candidate", "against", "stage", "weight", "started", "latest"):
         table.add_column(column, overflow="fold")
-    for view in rollout_control.rollouts(store):
+    for view in control.rollouts(store):
         table.add_row(
             str(view.id), view.candidate, view.baseline or "base", view.stage,
             f"{view.weight:.0%}", view.created_at.strftime("%Y-%m-%d %H:%M:%S"), view.reason,
         )  # fmt: skip
     Console().print(table)
-    active = rollout_control.active_rollout(store)
+    active = control.active_rollout(store)
     guards = (active.look.get("guards") or {}) if active else {}
     for name, result in guards.items():
         console.print(f"  {name}: {result['verdict']}: {result['reason']}")
@@ -288,7 +288,7 @@ def rollout_report(
     config: ConfigOption = None,
 ) -> None:
     """A rollout as a table here and as an HTML page with plots, every decision marked."""
-    from retrain.report import UnknownRolloutError, build_report, render_html, render_table
+    from rollout.report import UnknownRolloutError, build_report, render_html, render_table
 
     store = _store(_settings(config))
     try:

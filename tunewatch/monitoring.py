@@ -14,14 +14,14 @@ import logging
 
 from prometheus_client import start_http_server
 
+from controller.scheduler import PeriodicJob, Scheduler
 from monitor.drift import Column, DriftConfig
 from monitor.embeddings import PromptEmbedder
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from monitor.sidecar import Monitor, MonitorConfig
 from retrain.jobs import TrainingRunner
-from retrain.rollout_runner import RolloutRunner
-from retrain.scheduler import PeriodicJob, Scheduler
 from retrain.trigger import Trigger
+from rollout.runner import RolloutRunner
 from serving.engine import EngineClient
 from store import Store
 from tunewatch.retraining import quality_signal, retrain_config, runner_config, trigger_config

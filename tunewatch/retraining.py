@@ -15,13 +15,13 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from monitor.goldens import DEFAULT_GOLDEN_SET
-from retrain.guards import GuardConfig
 from retrain.jobs import RetrainConfig
 from retrain.policy import TriggerConfig
-from retrain.rollout import RolloutConfig
-from retrain.rollout_runner import RunnerConfig
-from retrain.trainer import TrainingConfig
+from retrain.training.spec import TrainingConfig
 from retrain.trigger import QualitySignal
+from rollout.guards import GuardConfig
+from rollout.machine import RolloutConfig
+from rollout.runner import RunnerConfig
 from tunewatch.settings import Settings, SettingsError
 
 

@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 from pythonjsonlogger.json import JsonFormatter
 
-from retrain.rollout_api import rollout_router
+from rollout.api import rollout_router
 from serving.adapters import AdapterSet
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig, create_app

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from retrain.registry import versions
+from registry.versions import versions
 from store import Store
 from store.jobs import TrainingJob
 from tests.integration.realstack import wait_until

@@ -25,7 +25,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from retrain.registry import versions
+from registry.versions import versions
 from store.adapters import RoutingTable
 from tests.integration.realstack import (
     SERVED_NAME,

@@ -1,7 +1,7 @@
 """The rollout guards: confidence sequences that stay honest however often they are looked at.
 
 Unless a test says otherwise: alpha 0.05 given to the guard itself, the defaults of
-`retrain.guards` otherwise (min 30 samples per side, CS tightest at 200 effective samples),
+`rollout.guards` otherwise (min 30 samples per side, CS tightest at 200 effective samples),
 and seeded generators. The A/A tests look after every one of 20 intervals and count a
 sequence as falsely failed if ANY look fails: the rate the rollout's users live with.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from retrain.guards import (
+from rollout.guards import (
     Evidence,
     GuardConfig,
     GuardResult,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain.registry import (
+from registry.versions import (
     RegistryError,
     family_of,
     next_version,

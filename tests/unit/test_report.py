@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 from sqlalchemy import select, update
 
-from retrain.report import (
+from rollout.report import (
     RolloutReport,
     UnknownRolloutError,
     build_report,
@@ -90,7 +90,7 @@ def store(tmp_path: Path) -> Store:
         store.add_feedback(exchange_id, "a wrong reference, superseded", None)
         store.add_feedback(exchange_id, "Paris", None)
     add_event(store, 0, "rollout.started", "started by the trigger", stage="shadow", step=-1)
-    # as retrain/rollout_runner.py records them: "stage", "step", "weight" after the move
+    # as rollout/runner.py records them: "stage", "step", "weight" after the move
     add_event(store, 85, "rollout.rolled_back", f"quality guard failed {XSS}",
               stage="rolled_back", step=0, weight=0.0, to_stage="rolled_back", to_step=0,
               to_weight=0.0, guards=QUALITY_FAIL)  # fmt: skip

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from retrain.guards import Evidence, GuardConfig, judge
-from retrain.rollout import (
+from rollout.guards import Evidence, GuardConfig, judge
+from rollout.machine import (
     Observation,
     RolloutConfig,
     RolloutRefusal,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from registry.versions import register
 from retrain.jobs import active_job, claim
 from retrain.policy import TriggerConfig
-from retrain.registry import register
 from retrain.trigger import QualitySignal, Trigger
 from store import Store
 from store.adapters import RoutingTable

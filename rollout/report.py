@@ -456,7 +456,7 @@ def _guards(raw: Any) -> tuple[GuardVerdict, ...]:
 
 def _decisions(events: list[Event], summary: RolloutSummary) -> tuple[Decision, ...]:
     """The events as decisions, oldest first. Where the rollout is after one: "to_stage"
-    (`decide`'s figures), else "stage" (what retrain/rollout_runner.py records), else what
+    (`decide`'s figures), else "stage" (what rollout/runner.py records), else what
     the kind says; where it was before: "stage" when it differs from "to_stage" (`decide`'s
     figures as they are), else where the previous decision left it."""
     steps = summary.steps

@@ -39,7 +39,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from retrain import metrics
+from controller import metrics
 from store import Store
 
 log = logging.getLogger(__name__)

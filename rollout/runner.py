@@ -42,10 +42,11 @@ from sqlalchemy import select
 from monitor.quality import AnswerMetric, answer_score, normalise
 from monitor.traffic import exchanges_since
 from monitor.window import ExchangeView
-from retrain import metrics, rollout_control
-from retrain.guards import Evidence, judge, paired_test
-from retrain.registry import change_status, status_counts
-from retrain.rollout import (
+from registry.versions import change_status, status_counts
+from rollout import control, metrics
+from rollout.control import CommandView, config_from_dict, config_to_dict
+from rollout.guards import Evidence, judge, paired_test
+from rollout.machine import (
     FINISHED,
     Observation,
     RolloutConfig,
@@ -56,7 +57,6 @@ from retrain.rollout import (
     decide,
     start,
 )
-from retrain.rollout_control import CommandView, config_from_dict, config_to_dict
 from serving.engine import EngineClient, EngineUnavailableError, InvalidAdapterError
 from serving.exchange import BASE_LABEL
 from store import Store
@@ -205,9 +205,9 @@ class RolloutRunner:
     async def tick(self) -> None:
         metrics.publish_registry(await asyncio.to_thread(status_counts, self.store))
         await self._unload_drained()
-        for request in await asyncio.to_thread(rollout_control.pending, self.store):
+        for request in await asyncio.to_thread(control.pending, self.store):
             await self._carry_out(request)
-        active = await asyncio.to_thread(rollout_control.active_rollout, self.store)
+        active = await asyncio.to_thread(control.active_rollout, self.store)
         if active is None:
             if self.config.auto_start:
                 candidate = await asyncio.to_thread(self._next_candidate)
@@ -228,7 +228,7 @@ class RolloutRunner:
                 .limit(1)
             )
             name = session.scalar(query)
-        if name is None or rollout_control.start_refusal(self.store, name):
+        if name is None or control.start_refusal(self.store, name):
             return None
         return name
 
@@ -236,7 +236,7 @@ class RolloutRunner:
 
     async def start(self, adapter: str, *, by: str, reason: str) -> int:
         """Load the candidate and start its rollout in shadow; RolloutRefusal says why not."""
-        refusal = await asyncio.to_thread(rollout_control.start_refusal, self.store, adapter)
+        refusal = await asyncio.to_thread(control.start_refusal, self.store, adapter)
         if refusal:
             raise RolloutRefusal(refusal)
         with self.store.session() as session:
@@ -431,14 +431,14 @@ class RolloutRunner:
             else:
                 rollout_id, result = await asyncio.to_thread(self._command, request)
         except RolloutRefusal as exc:
-            await asyncio.to_thread(rollout_control.settle, self.store, request.id, "refused",
+            await asyncio.to_thread(control.settle, self.store, request.id, "refused",
                                     str(exc), request.rollout_id)  # fmt: skip
             return
-        await asyncio.to_thread(rollout_control.settle, self.store, request.id, "done", result,
+        await asyncio.to_thread(control.settle, self.store, request.id, "done", result,
                                 rollout_id)  # fmt: skip
 
     def _command(self, request: CommandView) -> tuple[int, str]:
-        active = rollout_control.active_rollout(self.store)
+        active = control.active_rollout(self.store)
         if active is None:
             raise RolloutRefusal(f"no rollout is in progress: nothing to {request.command}")
         with self.store.session() as session:

@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from retrain.guards import GuardConfig
-from retrain.rollout import ACTIVE, Command, RolloutConfig, RolloutRefusal, RolloutState, command
+from rollout.guards import GuardConfig
+from rollout.machine import ACTIVE, Command, RolloutConfig, RolloutRefusal, RolloutState, command
 from store import Store
 from store.adapters import Adapter, RoutingTable
 from store.rollouts import Rollout, RolloutCommand

@@ -10,11 +10,11 @@ or rolled back the moment a guard fails.
 Pure, like the trigger: `decide(config, state, observation) -> Transition` judges one look
 (the scheduler's rollout job calls it once per interval), and `command(state, name, now)`
 judges what a person asks (pause, resume, promote, rollback). Neither reads the store or a
-clock; retrain/rollout_runner.py gathers the evidence, applies the transition (routing
+clock; rollout/runner.py gathers the evidence, applies the transition (routing
 table, engine, registry) and records it as an event with its reason and figures.
 
 What a look needs before the rollout moves on:
-- no guard failed (retrain/guards.py: confidence sequences over ALL the rollout's evidence,
+- no guard failed (rollout/guards.py: confidence sequences over ALL the rollout's evidence,
   so looking every interval costs no extra false rollbacks); a failed guard rolls back at
   once, in any stage;
 - the stage has lasted `stage_min_s` and gathered its own minimum of candidate samples
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from retrain.guards import GuardConfig, GuardResult, Judgement
+from rollout.guards import GuardConfig, GuardResult, Judgement
 
 Stage = Literal["shadow", "canary", "paused", "promoted", "rolled_back"]
 Action = Literal["none", "advance", "promote", "rollback", "pause", "resume"]
