@@ -54,8 +54,9 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.adapters import AdapterSet
+from serving.app import create_app
 from serving.engine import EngineClient
-from serving.gateway import Gateway, GatewayConfig, create_app
+from serving.gateway import Gateway, GatewayConfig
 from store import Store
 from tests.ports import free_port
 from tunewatch.settings import Settings, load_settings

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout.guards import GuardConfig
+from rollout.guards.types import GuardConfig
 from rollout.machine import ACTIVE, Command, RolloutConfig, RolloutRefusal, RolloutState, command
 from store import Store
 from store.adapters import Adapter, RoutingTable

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from rollout.guards import GuardConfig, GuardResult, Judgement
+from rollout.guards.types import GuardConfig, GuardResult, Judgement
 
 Stage = Literal["shadow", "canary", "paused", "promoted", "rolled_back"]
 Action = Literal["none", "advance", "promote", "rollback", "pause", "resume"]
@@ -133,7 +133,7 @@ def _short_of_data(result: GuardResult) -> bool:
 
 def _verdicts(judgement: Judgement) -> dict[str, Any]:
     return {
-        r.guard.split(" ")[0]: {
+        r.name: {
             "verdict": r.verdict, "estimate": r.estimate, "lower": r.lower, "upper": r.upper,
             "n_candidate": r.n_candidate, "n_primary": r.n_primary, "reason": r.reason,
         }

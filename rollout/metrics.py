@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from monitor.exporter import set_or_remove
+from rollout.guards.types import Judgement
 
 REGISTRY_ADAPTERS = Gauge(
     "tunewatch_registry_adapters", "Registered adapter versions, by status.", ["status"]
@@ -65,11 +66,11 @@ def publish_rollout(adapter: str, stage: str, weight: float) -> None:
     CANARY_WEIGHT.labels(adapter).set(weight)
 
 
-def publish_look(adapter: str, judgement: Any, figures: dict[str, Any]) -> None:
+def publish_look(adapter: str, judgement: Judgement, figures: dict[str, Any]) -> None:
     """A look's figures: the guards' verdicts and the comparison behind them."""
     for result in judgement.results:
         verdict = {"pass": 1.0, "fail": 0.0}.get(result.verdict)
-        set_or_remove(GUARD_PASSED, (adapter, result.guard.split(" ")[0]), verdict)
+        set_or_remove(GUARD_PASSED, (adapter, result.name), verdict)
     set_or_remove(SHADOW_AGREEMENT, (adapter,), figures.get("agreement"))
     for side in ("candidate", "primary"):
         set_or_remove(ROLLOUT_QUALITY, (adapter, side), figures.get(f"quality_{side}"))

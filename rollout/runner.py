@@ -45,7 +45,9 @@ from monitor.window import ExchangeView
 from registry.versions import change_status, status_counts
 from rollout import control, metrics
 from rollout.control import CommandView, config_from_dict, config_to_dict
-from rollout.guards import Evidence, judge, paired_test
+from rollout.guards.paired import paired_test
+from rollout.guards.sequences import judge
+from rollout.guards.types import Evidence
 from rollout.machine import (
     FINISHED,
     Observation,

@@ -25,7 +25,6 @@ from store.adapters import RoutingTable
 from store.base import SchemaMismatchError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
-from tunewatch.status import status_table
 
 app = typer.Typer(
     help="Serve, watch and keep improving a fine-tuned LLM.",
@@ -155,6 +154,8 @@ def monitor(engine_url: EngineUrlOption = None, config: ConfigOption = None) -> 
 @app.command()
 def status(config: ConfigOption = None) -> None:
     """Show each adapter's traffic, quality, calibration and last drift verdict."""
+    from tunewatch.status import status_table  # the monitor's scorers: not in the gateway's process
+
     settings = _settings(config)
     _, identity_dir = _prepare(settings)
     store = _store(settings)

@@ -19,7 +19,7 @@ from retrain.jobs import RetrainConfig
 from retrain.policy import TriggerConfig
 from retrain.training.spec import TrainingConfig
 from retrain.trigger import QualitySignal
-from rollout.guards import GuardConfig
+from rollout.guards.types import GuardConfig
 from rollout.machine import RolloutConfig
 from rollout.runner import RunnerConfig
 from tunewatch.settings import Settings, SettingsError

@@ -23,8 +23,9 @@ from pythonjsonlogger.json import JsonFormatter
 
 from rollout.api import rollout_router
 from serving.adapters import AdapterSet
+from serving.app import create_app
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
-from serving.gateway import Gateway, GatewayConfig, create_app
+from serving.gateway import Gateway, GatewayConfig
 from serving.model import ensure_identity_adapter, prepare_model
 from serving.supervisor import ProcessStartError, SupervisedProcess
 from store import Store

@@ -24,8 +24,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from serving.adapters import AdapterSet
+from serving.app import create_app
 from serving.engine import EngineClient
-from serving.gateway import Gateway, GatewayConfig, create_app
+from serving.gateway import Gateway, GatewayConfig
 from store import Store
 from store.exchanges import Exchange
 

@@ -15,19 +15,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rollout.guards import (
-    Evidence,
-    GuardConfig,
-    GuardResult,
-    Summary,
+from rollout.guards.paired import paired_test
+from rollout.guards.sequences import (
     boundary,
     error_rate,
     judge,
     latency_ratio,
-    paired_test,
     quality_noninferiority,
     quality_paired,
 )
+from rollout.guards.types import Evidence, GuardConfig, GuardResult, Summary
 
 SEQUENCES = 400
 LOOKS = 20

@@ -4,6 +4,8 @@ modules import each other, directly or round a longer loop."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,14 @@ def test_no_modules_import_each_other_round_a_loop() -> None:
     for module in sorted(GRAPH):
         visit(module)
     assert not cycles, " ; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_gateway_process_imports_neither_scipy_nor_torch() -> None:
+    """`tunewatch serve` runs the CLI, the gateway and the rollouts' admin API in one process:
+    the API needs the guards' types, never their statistics."""
+    probe = (
+        "import sys, tunewatch.cli, tunewatch.stack; "
+        "print(sorted({'scipy', 'torch'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

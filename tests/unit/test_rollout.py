@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from rollout.guards import Evidence, GuardConfig, judge
+from rollout.guards.sequences import judge
+from rollout.guards.types import Evidence, GuardConfig
 from rollout.machine import (
     Observation,
     RolloutConfig,

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 import retrain.metrics  # noqa: F401  (declares the trigger's and the training jobs' counters)
 from registry.versions import register, set_status, versions
 from rollout import control
-from rollout.guards import GuardConfig
+from rollout.guards.types import GuardConfig
 from rollout.machine import RolloutConfig, RolloutRefusal
 from rollout.runner import RolloutRunner, RunnerConfig
 from serving.engine import EngineClient
