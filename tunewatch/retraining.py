@@ -72,7 +72,7 @@ def runner_config(settings: Settings) -> RunnerConfig:
             alpha=options.alpha, quality_margin=options.quality_margin,
             latency_max_ratio=options.latency_max_ratio, error_margin=options.error_margin,
             min_samples=options.min_samples, planned_samples=options.planned_samples,
-            quality_metric=options.metric.replace("_", " "), guards=tuple(options.guards),
+            guards=tuple(options.guards),
         )  # fmt: skip
         rollout = RolloutConfig(
             steps=tuple(options.steps), shadow_fraction=options.shadow_fraction,

@@ -593,6 +593,7 @@ def judge(evidence: Evidence, config: GuardConfig | None = None) -> Judgement:
     config = config or GuardConfig()
     a = config.alpha_per_guard
     n_min, planned = config.min_samples, config.planned_samples
+    metric = evidence.quality_metric.replace("_", " ")  # the reasons' name: "exact match"
     results: list[GuardResult] = []
     for guard in config.guards:
         if guard == Guard.QUALITY and evidence.paired_quality:
@@ -606,7 +607,7 @@ def judge(evidence: Evidence, config: GuardConfig | None = None) -> Judgement:
                 alpha=a,
                 min_samples=n_min,
                 planned_samples=planned,
-                metric=config.quality_metric,
+                metric=metric,
             )
         elif guard == Guard.QUALITY:
             result = quality_noninferiority(
@@ -616,7 +617,7 @@ def judge(evidence: Evidence, config: GuardConfig | None = None) -> Judgement:
                 alpha=a,
                 min_samples=n_min,
                 planned_samples=planned,
-                metric=config.quality_metric,
+                metric=metric,
             )
         elif guard == Guard.LATENCY:
             result = latency_ratio(

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from monitor.window import AnswerMetric
+
 Verdict = Literal["pass", "fail", "inconclusive"]
 
 
@@ -175,7 +177,6 @@ class GuardConfig:
     error_margin: float = ERROR_MARGIN  # fails when credibly more errors than primary + this
     min_samples: int = MIN_SAMPLES  # per side (pairs in shadow) before any verdict
     planned_samples: float = PLANNED_SAMPLES  # effective samples where the CS is tightest
-    quality_metric: str = "exact match"  # the score's name, for the reasons
     guards: tuple[Guard, ...] = tuple(Guard)  # the ones alpha is split on
 
     def __post_init__(self) -> None:
@@ -215,6 +216,7 @@ class Evidence:
     errors_candidate: Values = ()  # 1: the request failed, 0: it did not
     errors_primary: Values = ()
     paired_quality: bool = False
+    quality_metric: AnswerMetric = "exact_match"  # what the quality scores are
 
 
 @dataclass(frozen=True)
