@@ -51,7 +51,7 @@ from store.jobs import TrainingJob
 log = logging.getLogger(__name__)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-ACTIVE = ("queued", "running")
+UNFINISHED = ("queued", "running")
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def active_job(store: Store) -> JobView | None:
     with store.session() as session:
         row = session.scalars(
             select(TrainingJob)
-            .where(TrainingJob.status.in_(ACTIVE))
+            .where(TrainingJob.status.in_(UNFINISHED))
             .order_by(TrainingJob.status.desc(), TrainingJob.id)  # running before queued
             .limit(1)
         ).first()

@@ -1,6 +1,6 @@
 """The trigger job: each new drift check of the serving adapter, judged by the retrain policy.
 
-`retrain.policy.decide` is pure; this module gives it its inputs and carries out its
+`retrain.policy.decide_retrain` is pure; this module gives it its inputs and carries out its
 decision. Each drift check the monitor recorded for the serving adapter (the primary, or
 the base model) is evaluated once, in order, whatever the two jobs' intervals: the id of
 the last one judged is kept with the policy's state, in the store, so a restart neither
@@ -23,7 +23,7 @@ from monitor.quality import quality
 from monitor.traffic import count_labelled, labelled_exchanges
 from monitor.window import ExchangeView, Window
 from retrain import jobs, metrics
-from retrain.policy import JobStatus, Observation, TriggerConfig, TriggerState, decide
+from retrain.policy import Observation, PendingJob, TriggerConfig, TriggerState, decide_retrain
 from serving.exchange import BASE_LABEL
 from store import Store
 from store.adapters import Adapter, RoutingTable
@@ -125,7 +125,7 @@ class Trigger:
             rollout_in_progress=self._rollout_in_progress(),
             retrain_job=self._job_status(),
         )
-        decision = decide(self.config, policy, observation)
+        decision = decide_retrain(self.config, policy, observation)
         metrics.TRIGGER_DECISIONS.labels(decision.action).inc()
         subject = memory.adapter
         self.store.record_event(
@@ -144,7 +144,7 @@ class Trigger:
             query = select(Adapter.name).where(Adapter.status.in_(ROLLOUT_STATUSES)).limit(1)
             return session.scalar(query) is not None
 
-    def _job_status(self) -> JobStatus:
+    def _job_status(self) -> PendingJob:
         job = jobs.active_job(self.store)
         if job is None:
             return "none"

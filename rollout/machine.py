@@ -7,7 +7,7 @@ or rolled back the moment a guard fails.
        +------------+-------------+--> paused          (no decision by the stage's deadline,
                                                          or a person said so; resumed by one)
 
-Pure, like the trigger: `decide(config, state, observation) -> Transition` judges one look
+Pure, like the trigger: `decide_rollout(config, state, observation) -> Transition` judges one look
 (the scheduler's rollout job calls it once per interval), and `command(state, name, now)`
 judges what a person asks (pause, resume, promote, rollback). Neither reads the store or a
 clock; rollout/runner.py gathers the evidence, applies the transition (routing
@@ -39,7 +39,7 @@ from rollout.guards.types import GuardConfig, GuardResult, Judgement
 Stage = Literal["shadow", "canary", "paused", "promoted", "rolled_back"]
 Action = Literal["none", "advance", "promote", "rollback", "pause", "resume"]
 Command = Literal["pause", "resume", "promote", "rollback"]
-ACTIVE: tuple[Stage, ...] = ("shadow", "canary", "paused")
+ACTIVE_STAGES: tuple[Stage, ...] = ("shadow", "canary", "paused")
 FINISHED: tuple[Stage, ...] = ("promoted", "rolled_back")
 
 
@@ -149,7 +149,7 @@ def _where(config: RolloutConfig, state: RolloutState) -> str:
     return state.stage
 
 
-def decide(config: RolloutConfig, state: RolloutState, obs: Observation) -> Transition:
+def decide_rollout(config: RolloutConfig, state: RolloutState, obs: Observation) -> Transition:
     """Judge one look: roll back, pause, advance, promote, or wait; say why."""
     figures: dict[str, Any] = {
         "stage": state.stage, "step": state.step, "weight": state.weight(config),

@@ -127,7 +127,7 @@ class GuardVerdict:
 
 
 @dataclass(frozen=True)
-class Decision:
+class RecordedDecision:
     """One rollout event: when, what, why, from where to where, and the guards' verdicts."""
 
     at: datetime
@@ -207,7 +207,7 @@ class RolloutReport:
     buckets: tuple[Bucket, ...]  # consecutive, from start to end
     primary: SideFigures  # over the whole rollout
     candidate: SideFigures
-    decisions: tuple[Decision, ...]  # oldest first
+    decisions: tuple[RecordedDecision, ...]  # oldest first
     stages: tuple[StageSpan, ...]  # consecutive, from start to end
 
     @property
@@ -454,13 +454,13 @@ def _guards(raw: Any) -> tuple[GuardVerdict, ...]:
     return tuple(verdicts)
 
 
-def _decisions(events: list[Event], summary: RolloutSummary) -> tuple[Decision, ...]:
+def _decisions(events: list[Event], summary: RolloutSummary) -> tuple[RecordedDecision, ...]:
     """The events as decisions, oldest first. Where the rollout is after one: "to_stage"
-    (`decide`'s figures), else "stage" (what rollout/runner.py records), else what
-    the kind says; where it was before: "stage" when it differs from "to_stage" (`decide`'s
+    (`decide_rollout`'s figures), else "stage" (what rollout/runner.py records), else what
+    the kind says; where it was before: "stage" when it differs from "to_stage" (`decide_rollout`'s
     figures as they are), else where the previous decision left it."""
     steps = summary.steps
-    decisions: list[Decision] = []
+    decisions: list[RecordedDecision] = []
     previous: tuple[str, int, float | None] | None = None
     for event in events:
         data = event.data if isinstance(event.data, dict) else {}
@@ -490,7 +490,7 @@ def _decisions(events: list[Event], summary: RolloutSummary) -> tuple[Decision, 
         else:
             from_stage, from_step, from_weight = None, None, None
         decisions.append(
-            Decision(
+            RecordedDecision(
                 at=event.created_at,
                 kind=event.kind,
                 reason=event.reason,
@@ -516,7 +516,7 @@ def _same_stage(stage: str, step: int, other_stage: str, other_step: int) -> boo
 
 
 def _stages(
-    decisions: Sequence[Decision], summary: RolloutSummary, end: datetime
+    decisions: Sequence[RecordedDecision], summary: RolloutSummary, end: datetime
 ) -> tuple[StageSpan, ...]:
     """Consecutive stretches of one stage, from the decisions; the rollout row has the last
     word (a stage entered without an event starts at its `stage_started_at`)."""
@@ -824,7 +824,7 @@ def _figure(report: RolloutReport) -> go.Figure:
     return fig
 
 
-def _decision_hover(d: Decision) -> str:
+def _decision_hover(d: RecordedDecision) -> str:
     lines = [f"<b>{_e(d.kind)}</b> {_x(d.at)[:19]} UTC", _e(d.transition)]
     lines += [_e(guard_summary(g)) for g in d.guards]
     return "<br>".join(lines) + "<br>" + _wrap(d.reason)

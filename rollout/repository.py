@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from monitor.window import AnswerMetric
 from rollout.guards.types import GuardConfig
-from rollout.machine import ACTIVE, RolloutConfig, RolloutState
+from rollout.machine import ACTIVE_STAGES, RolloutConfig, RolloutState
 from store.rollouts import Rollout
 
 
@@ -44,7 +44,7 @@ def load(session: Session, rollout_id: int) -> RolloutRecord | None:
 def load_active(session: Session) -> RolloutRecord | None:
     """The rollout in progress (one at a time), if any."""
     row = session.scalars(
-        select(Rollout).where(Rollout.stage.in_(ACTIVE)).order_by(Rollout.id).limit(1)
+        select(Rollout).where(Rollout.stage.in_(ACTIVE_STAGES)).order_by(Rollout.id).limit(1)
     ).first()
     return None if row is None else record_of(row)
 

@@ -1,6 +1,6 @@
 """The rollout job: each tick, carries out what people asked, starts the next candidate, and
 looks once at the rollout in progress: gathers its evidence from the store, asks
-`rollout.machine.decide`, and applies the transition.
+`rollout.machine.decide_rollout`, and applies the transition.
 
 The evidence and what it is: rollout/evidence.py.
 
@@ -39,7 +39,7 @@ from rollout.machine import (
     RolloutState,
     Transition,
     command,
-    decide,
+    decide_rollout,
     start,
 )
 from rollout.repository import config_to_dict, load, load_active, write_state
@@ -209,7 +209,7 @@ class RolloutRunner:
         judgement = judge(gathered.evidence, rollout.config.guards)
         now = datetime.now(UTC)
         observation = Observation(now, gathered.stage_samples, judgement)
-        transition = decide(rollout.config, rollout.state, observation)
+        transition = decide_rollout(rollout.config, rollout.state, observation)
         transition = replace(transition, figures={**transition.figures, **gathered.figures})
         metrics.publish_look(rollout.row.candidate, judgement, gathered.figures)
         if transition.action == "none":

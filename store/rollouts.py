@@ -27,7 +27,7 @@ class Rollout(Base):
     stage_started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     reason: Mapped[str] = mapped_column(Text)  # of the latest transition
-    state: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what decide() remembers
+    state: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what decide_rollout() remembers
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the settings it runs under
 
 

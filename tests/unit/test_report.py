@@ -194,7 +194,7 @@ def test_decisions_are_the_rollouts_events_oldest_first(report: RolloutReport) -
 
 def test_a_move_recorded_with_where_it_came_from_says_so(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
-    add_rollout(store)  # rollout.decide's own figures: "stage" before, "to_stage" after
+    add_rollout(store)  # decide_rollout's own figures: "stage" before, "to_stage" after
     add_event(store, 30, "rollout.advanced", "on", stage="canary", step=0, weight=0.05,
               to_stage="canary", to_step=1, to_weight=0.25)  # fmt: skip
     [decision] = build_report(store, 1).decisions
