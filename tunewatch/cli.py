@@ -289,7 +289,9 @@ def rollout_report(
     config: ConfigOption = None,
 ) -> None:
     """A rollout as a table here and as an HTML page with plots, every decision marked."""
-    from rollout.report import UnknownRolloutError, build_report, render_html, render_table
+    from rollout.report.build import UnknownRolloutError, build_report
+    from rollout.report.html import render_html
+    from rollout.report.table import render_table
 
     store = _store(_settings(config))
     try:
