@@ -23,6 +23,14 @@ from rollout.machine import ACTIVE_STAGES, RolloutConfig, RolloutState
 from store.rollouts import Rollout
 
 
+class UnknownRolloutError(LookupError):
+    """No rollout has this id."""
+
+    def __init__(self, rollout_id: int) -> None:
+        super().__init__(f"no rollout with id {rollout_id} in the store")
+        self.rollout_id = rollout_id
+
+
 @dataclass(frozen=True)
 class RolloutRecord:
     row: Rollout  # read through, written through only inside the session that loaded it

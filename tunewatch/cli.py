@@ -10,13 +10,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from monitor.goldens import GoldenSetError
 from registry.versions import RegistryError, register, versions
+from rollout.machine import RolloutRefusal
+from rollout.repository import UnknownRolloutError
 from serving.engine import InvalidAdapterError
 from serving.model import ModelNotFoundError
 from serving.supervisor import ProcessStartError
@@ -26,7 +30,35 @@ from store.base import SchemaMismatchError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
 
+# What a command could not do, as people read it: (the message's label, the exit code); 2: fix
+# the command or the settings, 1: it cannot be done now. The one place domain errors are met.
+FAILURES: dict[type[Exception], tuple[str, int]] = {
+    SettingsError: ("error", 2),
+    SchemaMismatchError: ("error", 2),
+    ModelNotFoundError: ("error", 2),
+    InvalidAdapterError: ("error", 2),
+    RegistryError: ("error", 2),
+    UnknownRolloutError: ("error", 2),
+    ProcessStartError: ("error", 1),
+    GoldenSetError: ("error", 1),
+    RolloutRefusal: ("refused", 1),
+}
+
+
+class _Commands(TyperGroup):
+    """Runs a command; a domain error it raises ends it with one line and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except tuple(FAILURES) as exc:
+            label, code = next(v for kind, v in FAILURES.items() if isinstance(exc, kind))
+            console.print(f"[red]{label}:[/red] {exc}")
+            raise typer.Exit(code) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Serve, watch and keep improving a fine-tuned LLM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -52,31 +84,15 @@ ConfigOption = Annotated[
 ]
 
 
-def _store(settings: Settings) -> Store:
-    try:
-        return Store(settings.store_url)
-    except SchemaMismatchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
 def _settings(config: Path | None) -> Settings:
-    try:
-        settings = load_settings(config)
-    except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    settings = load_settings(config)
     stack.configure_logging(settings.log_level)
     return settings
 
 
 def _prepare(settings: Settings) -> tuple[Path, Path]:
-    try:
-        with console.status("Preparing the model (first run converts the GGUF file, ~1 min)..."):
-            return stack.prepare(settings)
-    except ModelNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    with console.status("Preparing the model (first run converts the GGUF file, ~1 min)..."):
+        return stack.prepare(settings)
 
 
 @model_app.command("prepare")
@@ -99,11 +115,7 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        asyncio.run(_until_signalled(main))
-    except (ProcessStartError, SchemaMismatchError, GoldenSetError, SettingsError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    asyncio.run(_until_signalled(main))
 
 
 def _engine_url(settings: Settings, given: str | None) -> str:
@@ -157,12 +169,11 @@ def status(config: ConfigOption = None) -> None:
     from tunewatch.status import status_table  # the monitor's scorers: not in the gateway's process
 
     settings = _settings(config)
-    _, identity_dir = _prepare(settings)
-    store = _store(settings)
+    options = settings.monitor
+    base = stack.prepared_identity_name(settings)
     table = status_table(
-        store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size,
-        settings.monitor.correct_rouge_l,
-    )  # fmt: skip
+        Store(settings.store_url), base, options.window_size, options.correct_rouge_l
+    )
     Console().print(table)
 
 
@@ -175,7 +186,7 @@ def adapters(ctx: typer.Context, config: ConfigOption = None) -> None:
     table = Table(title="adapters")
     for column in ("name", "status", "loaded", "parent", "job", "created", "metrics"):
         table.add_column(column)
-    for version in versions(_store(settings)):
+    for version in versions(Store(settings.store_url)):
         table.add_row(
             version.name, version.status, "yes" if version.loaded else "no",
             version.parent or "-", str(version.job_id or "-"),
@@ -193,25 +204,16 @@ def adapters_add(
 ) -> None:
     """Register an adapter trained elsewhere as a candidate (the rollout picks it up)."""
     settings = _settings(config)
-    try:
-        version = register(_store(settings), family, path, reason="added by hand")
-    except (InvalidAdapterError, RegistryError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    version = register(Store(settings.store_url), family, path, reason="added by hand")
     console.print(f"{version.name}: registered as a candidate ({version.path})")
 
 
 def _rollout_request(config: Path | None, command: str, adapter: str | None = None) -> None:
     """One code path with the admin API: check, queue, and follow to the outcome."""
     from rollout import control
-    from rollout.machine import RolloutRefusal
 
-    store = _store(_settings(config))
-    try:
-        queued = control.request(store, command, adapter=adapter, by="cli")
-    except RolloutRefusal as exc:
-        console.print(f"[red]refused:[/red] {exc}")
-        raise typer.Exit(1) from None
+    store = Store(_settings(config).store_url)
+    queued = control.request(store, command, adapter=adapter, by="cli")
     with console.status(f"{command}: waiting for the controller (tunewatch monitor)..."):
         outcome = control.wait(store, queued.id, timeout_s=60)
     if outcome.status == "pending":
@@ -231,7 +233,7 @@ def rollout_status(config: ConfigOption = None) -> None:
     """The rollout in progress (stage, weight, what it waits for, the guards) and past ones."""
     from rollout import control
 
-    store = _store(_settings(config))
+    store = Store(_settings(config).store_url)
     table = Table(title="rollouts")
     for column in ("id", "candidate", "against", "stage", "weight", "started", "latest"):
         table.add_column(column, overflow="fold")
@@ -289,16 +291,11 @@ def rollout_report(
     config: ConfigOption = None,
 ) -> None:
     """A rollout as a table here and as an HTML page with plots, every decision marked."""
-    from rollout.report.build import UnknownRolloutError, build_report
+    from rollout.report.build import build_report
     from rollout.report.html import render_html
     from rollout.report.table import render_table
 
-    store = _store(_settings(config))
-    try:
-        report = build_report(store, rollout_id)
-    except UnknownRolloutError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    report = build_report(Store(_settings(config).store_url), rollout_id)
     Console().print(render_table(report))
     written = render_html(report, html or Path(f"rollout-{rollout_id}.html"))
     console.print(f"HTML report: {written}")
@@ -331,16 +328,12 @@ def retrain(
     from retrain import jobs  # torch and transformers: only for the commands using them
     from tunewatch.retraining import retrain_config
 
-    try:
-        retraining = retrain_config(settings, model_dir)
-    except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    retraining = retrain_config(settings, model_dir)
     if goldens is not None:
         retraining = replace(retraining, use_goldens=goldens)
     if base:
         retraining = replace(retraining, start_from="base")
-    store = _store(settings)
+    store = Store(settings.store_url)
     active = jobs.active_job(store)
     if active is not None:
         console.print(
@@ -373,7 +366,7 @@ def events(
     table = Table(title="events")
     for column in ("time", "kind", "subject", "reason"):
         table.add_column(column, overflow="fold")
-    for event in _store(settings).events(kind_prefix=kind, limit=limit):
+    for event in Store(settings.store_url).events(kind_prefix=kind, limit=limit):
         table.add_row(
             event.created_at.strftime("%Y-%m-%d %H:%M:%S"), event.kind, event.subject or "-",
             event.reason,
@@ -399,7 +392,9 @@ def drift_calibrate(
     from tunewatch import monitoring
 
     options = settings.monitor
-    reference = read_window(_store(settings), adapter, options.reference_size, newest=False)
+    reference = read_window(
+        Store(settings.store_url), adapter, options.reference_size, newest=False
+    )
     if len(reference) < 2 * options.window_size:
         console.print(
             f"[red]error:[/red] adapter {adapter!r} has {len(reference)} exchanges; calibration "
@@ -407,11 +402,7 @@ def drift_calibrate(
             f"{2 * options.window_size}"
         )
         raise typer.Exit(2)
-    try:
-        drift = monitoring.drift_config(settings)
-    except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    drift = monitoring.drift_config(settings)
     embedder = PromptEmbedder(threads=options.embedding_threads)
     try:
         with console.status(f"{runs} A/A splits of {len(reference)} exchanges..."):

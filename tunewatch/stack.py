@@ -26,7 +26,7 @@ from serving.adapters import AdapterSet
 from serving.app import create_app
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig
-from serving.model import ensure_identity_adapter, prepare_model
+from serving.model import ensure_identity_adapter, is_prepared, model_dir_of, prepare_model
 from serving.supervisor import ProcessStartError, SupervisedProcess
 from store import Store
 from tunewatch import prometheus
@@ -62,10 +62,18 @@ def admin_token(settings: Settings) -> str:
 def prepare(settings: Settings) -> tuple[Path, Path]:
     """The model directory and its identity adapter, converted and created on first use."""
     model_dir = prepare_model(settings.cache_dir, settings.engine.model)
-    identity = ensure_identity_adapter(
-        model_dir, settings.cache_dir / "adapters" / f"{model_dir.name}-identity"
-    )
-    return model_dir, identity
+    return model_dir, ensure_identity_adapter(model_dir, _identity_dir(settings, model_dir))
+
+
+def prepared_identity_name(settings: Settings) -> str | None:
+    """The identity adapter's name if `prepare` has made it, else None: for the read-only
+    commands, which never convert the model."""
+    identity = _identity_dir(settings, model_dir_of(settings.cache_dir, settings.engine.model))
+    return identity_adapter_name(identity) if is_prepared(identity) else None
+
+
+def _identity_dir(settings: Settings, model_dir: Path) -> Path:
+    return settings.cache_dir / "adapters" / f"{model_dir.name}-identity"
 
 
 def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Gateway:

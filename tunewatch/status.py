@@ -18,7 +18,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def status_table(
-    store: Store, base_adapter: str, window_size: int, correct_rouge_l: float
+    store: Store, base_adapter: str | None, window_size: int, correct_rouge_l: float
 ) -> Table:
     routing = store.routing_table() or RoutingTable()
     roles = {  # later entries win: a rollout's candidate is both shadow and canary

@@ -42,7 +42,7 @@ from monitor.signals import mean, percentiles
 from monitor.traffic import exchanges_by_id, exchanges_since
 from monitor.window import AnswerMetric, ExchangeView
 from rollout.evidence import Gathered, gather
-from rollout.repository import RolloutRecord, load
+from rollout.repository import RolloutRecord, UnknownRolloutError, load
 from serving.exchange import BASE_LABEL
 from store import Store
 from store.base import utcnow
@@ -67,12 +67,6 @@ _STAGE_OF_KIND = {
 }
 
 
-class UnknownRolloutError(LookupError):
-    """No rollout has this id."""
-
-    def __init__(self, rollout_id: int) -> None:
-        super().__init__(f"no rollout with id {rollout_id} in the store")
-        self.rollout_id = rollout_id
 
 
 # --- The report, as plain values ------------------------------------------------------------

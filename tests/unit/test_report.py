@@ -12,9 +12,10 @@ import pytest
 from rich.console import Console
 from sqlalchemy import select, update
 
-from rollout.report.build import RolloutReport, UnknownRolloutError, build_report, default_bucket_s
+from rollout.report.build import RolloutReport, build_report, default_bucket_s
 from rollout.report.html import render_html
 from rollout.report.table import render_table
+from rollout.repository import UnknownRolloutError
 from store import Store
 from store.events import Event
 from store.rollouts import Rollout
