@@ -594,48 +594,31 @@ def judge(evidence: Evidence, config: GuardConfig | None = None) -> Judgement:
     a = config.alpha_per_guard
     n_min, planned = config.min_samples, config.planned_samples
     metric = evidence.quality_metric.replace("_", " ")  # the reasons' name: "exact match"
+    common = {"alpha": a, "min_samples": n_min, "planned_samples": planned}
     results: list[GuardResult] = []
     for guard in config.guards:
-        if guard == Guard.QUALITY and evidence.paired_quality:
+        if guard == Guard.QUALITY:
             candidate, primary = evidence.quality_candidate, evidence.quality_primary
-            if isinstance(candidate, Summary) or isinstance(primary, Summary):
+            paired = evidence.paired_quality
+            if paired and (isinstance(candidate, Summary) or isinstance(primary, Summary)):
                 raise ValueError("paired quality needs the raw pairs, not summaries")
-            result = quality_paired(
-                candidate,
-                primary,
-                margin=config.quality_margin,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
-                metric=metric,
-            )
-        elif guard == Guard.QUALITY:
-            result = quality_noninferiority(
-                evidence.quality_candidate,
-                evidence.quality_primary,
-                margin=config.quality_margin,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
-                metric=metric,
+            compare = quality_paired if paired else quality_noninferiority
+            result = compare(
+                candidate, primary, margin=config.quality_margin, metric=metric, **common
             )
         elif guard == Guard.LATENCY:
             result = latency_ratio(
                 evidence.latency_candidate,
                 evidence.latency_primary,
                 max_ratio=config.latency_max_ratio,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
+                **common,
             )
         else:
             result = error_rate(
                 evidence.errors_candidate,
                 evidence.errors_primary,
                 margin=config.error_margin,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
+                **common,
             )
         results.append(result)
     failed = [r for r in results if r.verdict == "fail"]
