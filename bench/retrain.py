@@ -83,9 +83,12 @@ def run_trainer(model_dir: Path, data: tuple[Path, Path], config: TrainingConfig
     if result is None:
         raise SystemExit("run the benchmark as one process, not under torchrun")
     return Throughput(
-        "trainer", result.train_seconds, result.samples_per_second, result.tokens_per_second,
+        "trainer",
+        result.train_seconds,
+        result.samples_per_second,
+        result.tokens_per_second,
         time.process_time() - cpu,
-    )  # fmt: skip
+    )
 
 
 def run_plain(model_dir: Path, data: tuple[Path, Path], config: TrainingConfig) -> Throughput:
@@ -96,18 +99,24 @@ def run_plain(model_dir: Path, data: tuple[Path, Path], config: TrainingConfig) 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         LoraConfig(
-            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-            target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            task_type="CAUSAL_LM",
         ),
-    )  # fmt: skip
+    )
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
     train_set, validation_set = (
         [render(e, tokenizer).features() for e in read_examples(path)] for path in data
     )
     batches = DataLoader(
-        train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(config.seed),
-    )  # fmt: skip
+    )
     validation = DataLoader(validation_set, batch_size=config.batch_size, collate_fn=collate)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate
@@ -141,9 +150,14 @@ def main() -> None:
     parser.add_argument("--hpo-budget", type=float, default=0.2, help="of a trial's steps")
     args = parser.parse_args()
     config = replace(
-        TrainingConfig(), epochs=args.epochs, threads=args.threads, max_length=64,
-        batch_size=8, eval_max_examples=0, patience=args.epochs,
-    )  # fmt: skip
+        TrainingConfig(),
+        epochs=args.epochs,
+        threads=args.threads,
+        max_length=64,
+        batch_size=8,
+        eval_max_examples=0,
+        patience=args.epochs,
+    )
     model_dir, _ = stack.prepare(load_settings())
     runs: list[Throughput] = []
     with tempfile.TemporaryDirectory(prefix="bench-retrain-data-") as scratch:

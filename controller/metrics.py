@@ -9,9 +9,10 @@ LEADER = Gauge(
     "1 while this daemon holds the scheduler lease and runs the scheduled jobs, else 0.",
 )
 JOB_RUNS = Counter(
-    "tunewatch_scheduler_job_runs_total", "Scheduled job runs, by job and outcome.",
+    "tunewatch_scheduler_job_runs_total",
+    "Scheduled job runs, by job and outcome.",
     ["scheduler_job", "outcome"],
-)  # fmt: skip
+)
 JOB_DURATION = Gauge(
     "tunewatch_scheduler_job_duration_seconds",
     "How long the job's last run took.",

@@ -82,10 +82,12 @@ class Monitor:
         exporter.publish_calibration(
             adapter,
             calibration(
-                labelled, threshold=self.config.correct_rouge_l,
-                bins=self.config.calibration_bins, pairs=scores.pairs,
+                labelled,
+                threshold=self.config.correct_rouge_l,
+                bins=self.config.calibration_bins,
+                pairs=scores.pairs,
             ),
-        )  # fmt: skip
+        )
 
     def _baseline(self, adapter: str) -> Quality:
         """The quality of the adapter's first labelled window, scored again only while it fills."""
@@ -133,9 +135,13 @@ class Monitor:
             return
         self._verdicts[adapter] = result.drifted
         self.store.record_event(
-            "drift.verdict", reason, adapter,
-            drifted=result.drifted, share=result.drift_share, columns=columns,
-        )  # fmt: skip
+            "drift.verdict",
+            reason,
+            adapter,
+            drifted=result.drifted,
+            share=result.drift_share,
+            columns=columns,
+        )
 
     async def _check_drift_async(self) -> None:
         await asyncio.to_thread(self.check_drift)

@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--spec", type=Path, help="a TrainingSpec as a JSON file")
     source.add_argument("--job", type=int, help="a training job in the store: spec and progress")
     parser.add_argument(
-        "--database-url", default=os.environ.get("TUNEWATCH_DATABASE_URL"),
+        "--database-url",
+        default=os.environ.get("TUNEWATCH_DATABASE_URL"),
         help="the store of --job (default: $TUNEWATCH_DATABASE_URL)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.job is not None and not args.database_url:
         parser.error("--job needs --database-url or TUNEWATCH_DATABASE_URL")

@@ -46,18 +46,22 @@ class TriggerMemory:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "policy": self.policy.to_dict(), "adapter": self.adapter,
-            "last_check_id": self.last_check_id, "job_id": self.job_id,
-        }  # fmt: skip
+            "policy": self.policy.to_dict(),
+            "adapter": self.adapter,
+            "last_check_id": self.last_check_id,
+            "job_id": self.job_id,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TriggerMemory:
         if not data:
             return cls(TriggerState())
         return cls(
-            TriggerState.from_dict(data.get("policy") or {}), data.get("adapter"),
-            int(data.get("last_check_id", 0)), data.get("job_id"),
-        )  # fmt: skip
+            TriggerState.from_dict(data.get("policy") or {}),
+            data.get("adapter"),
+            int(data.get("last_check_id", 0)),
+            data.get("job_id"),
+        )
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,10 @@ class QualitySignal:
     def _score(self, adapter: str, exchanges: list[ExchangeView]) -> float | None:
         scores = quality(Window(adapter, tuple(exchanges)))
         return {
-            "chrf": scores.chrf, "exact_match": scores.exact_match_ratio,
+            "chrf": scores.chrf,
+            "exact_match": scores.exact_match_ratio,
             "rouge_l": scores.rouge.get("rougeL"),
-        }[self.metric]  # fmt: skip
+        }[self.metric]
 
 
 class Trigger:
@@ -101,8 +106,13 @@ class Trigger:
         if memory.adapter != serving:
             # A new primary has a new reference window: its drift starts from nothing, while
             # the cooldown and the budget (about retrains, not adapters) carry over.
-            fresh = replace(memory.policy, drift_entered=False, drift_streak=0,
-                            quality_dropped=False, quality_streak=0)  # fmt: skip
+            fresh = replace(
+                memory.policy,
+                drift_entered=False,
+                drift_streak=0,
+                quality_dropped=False,
+                quality_streak=0,
+            )
             memory = replace(memory, policy=fresh, adapter=serving)
         for check in self.store.drift_checks(serving, after_id=memory.last_check_id):
             memory = self._judge(memory, check, routing.primary)

@@ -45,10 +45,19 @@ class RolloutView:
     def of(cls, rollout: RolloutRecord) -> RolloutView:
         row, state, config = rollout.row, rollout.state, rollout.config
         return cls(
-            row.id, row.candidate, row.baseline, state.stage, state.step, state.weight(config),
-            config.steps, row.created_at, state.stage_started_at, row.finished_at,
-            row.state.get("waiting") or row.reason, dict(row.state.get("look") or {}),
-        )  # fmt: skip
+            row.id,
+            row.candidate,
+            row.baseline,
+            state.stage,
+            state.step,
+            state.weight(config),
+            config.steps,
+            row.created_at,
+            state.stage_started_at,
+            row.finished_at,
+            row.state.get("waiting") or row.reason,
+            dict(row.state.get("look") or {}),
+        )
 
 
 @dataclass(frozen=True)

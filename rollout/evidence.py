@@ -45,9 +45,12 @@ class Gathered:
 
 
 def gather(
-    store: Store, rollout: RolloutRecord, metric: AnswerMetric, score: Score,
+    store: Store,
+    rollout: RolloutRecord,
+    metric: AnswerMetric,
+    score: Score,
     until: datetime | None = None,
-) -> Gathered:  # fmt: skip
+) -> Gathered:
     """The rollout's evidence from the store (see the module doc)."""
     row, state = rollout.row, rollout.state
     candidate = exchanges_since(
@@ -76,12 +79,15 @@ def gather(
     latency_candidate = [e.latency_seconds for e in served if e.ok]
     latency_primary = [e.latency_seconds for e in answered if e.ok]
     evidence = Evidence(
-        quality_candidate=quality_candidate, quality_primary=quality_primary,
-        paired_quality=True, quality_metric=metric,
-        latency_candidate=latency_candidate, latency_primary=latency_primary,
+        quality_candidate=quality_candidate,
+        quality_primary=quality_primary,
+        paired_quality=True,
+        quality_metric=metric,
+        latency_candidate=latency_candidate,
+        latency_primary=latency_primary,
         errors_candidate=[float(not e.ok) for e in served],
         errors_primary=[float(not e.ok) for e in answered],
-    )  # fmt: skip
+    )
     route = "shadow" if state.stage == "shadow" else "canary"
     stage_samples = sum(
         1 for e in served if e.route == route and e.created_at >= state.stage_started_at

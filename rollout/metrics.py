@@ -30,9 +30,10 @@ GUARD_PASSED = Gauge(
     ["adapter", "guard"],
 )
 ROLLOUT_ENDS = Counter(
-    "tunewatch_rollouts_total", "Rollouts that ended, by outcome (promoted, rolled_back).",
+    "tunewatch_rollouts_total",
+    "Rollouts that ended, by outcome (promoted, rolled_back).",
     ["outcome"],
-)  # fmt: skip
+)
 SHADOW_AGREEMENT = Gauge(
     "tunewatch_shadow_agreement_ratio",
     "Mean chrF/100 between the candidate's shadow answers and the primary's.",

@@ -65,9 +65,13 @@ def load_newest(session: Session, limit: int) -> list[RolloutRecord]:
 def record_of(row: Rollout) -> RolloutRecord:
     machine = dict((row.state or {}).get("machine") or {})
     state = RolloutState.from_dict(
-        {**machine, "stage": row.stage, "step": row.step,
-         "stage_started_at": row.stage_started_at.isoformat()}
-    )  # fmt: skip
+        {
+            **machine,
+            "stage": row.stage,
+            "step": row.step,
+            "stage_started_at": row.stage_started_at.isoformat(),
+        }
+    )
     return RolloutRecord(row, state, config_from_dict(row.config or {}))
 
 
@@ -90,9 +94,12 @@ def config_from_dict(data: dict[str, Any]) -> RolloutConfig:
     if "guards" in guards:
         guards["guards"] = tuple(guards["guards"])
     return RolloutConfig(
-        **{**_known(RolloutConfig, data), "steps": tuple(data.get("steps", RolloutConfig().steps)),
-           "guards": GuardConfig(**guards)},
-    )  # fmt: skip
+        **{
+            **_known(RolloutConfig, data),
+            "steps": tuple(data.get("steps", RolloutConfig().steps)),
+            "guards": GuardConfig(**guards),
+        },
+    )
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:

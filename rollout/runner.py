@@ -67,12 +67,17 @@ def routing_for(state: RolloutState, row: Rollout, config: RolloutConfig) -> Rou
     """The routing table a rollout in this state stands for."""
     stage = state.paused_from[0] if state.stage == "paused" and state.paused_from else state.stage
     if stage == "shadow":
-        return RoutingTable(primary=row.baseline, shadow=row.candidate,
-                            shadow_fraction=config.shadow_fraction)  # fmt: skip
+        return RoutingTable(
+            primary=row.baseline, shadow=row.candidate, shadow_fraction=config.shadow_fraction
+        )
     if stage == "canary":  # still mirrored: the paired quality evidence keeps growing
-        return RoutingTable(primary=row.baseline, canary=row.candidate,
-                            canary_weight=state.weight(config), shadow=row.candidate,
-                            shadow_fraction=config.shadow_fraction)  # fmt: skip
+        return RoutingTable(
+            primary=row.baseline,
+            canary=row.candidate,
+            canary_weight=state.weight(config),
+            shadow=row.candidate,
+            shadow_fraction=config.shadow_fraction,
+        )
     if stage == "promoted":
         return RoutingTable(primary=row.candidate)
     return RoutingTable(primary=row.baseline)
@@ -160,10 +165,12 @@ class RolloutRunner:
         primary = (self.store.routing_table() or RoutingTable()).primary
         with self.store.session() as session:
             row = Rollout(
-                candidate=adapter, baseline=primary, created_at=now,
+                candidate=adapter,
+                baseline=primary,
+                created_at=now,
                 config=config_to_dict(config, self.config.metric),
                 reason=f"started ({by}): {reason}; shadow at {config.shadow_fraction:.0%}",
-            )  # fmt: skip
+            )
             write_state(row, state)
             session.add(row)
             session.flush()
@@ -171,11 +178,22 @@ class RolloutRunner:
             add_routing_change(session, table, f"rollout {row.id}: {adapter} in shadow")
             candidate = change_status(session, adapter, "shadow", f"rollout {row.id} started")
             candidate.loaded = True
-            session.add(Event(
-                kind="rollout.started", subject=f"rollout-{row.id}", reason=row.reason,
-                data={"candidate": adapter, "baseline": primary, "by": by, "stage": "shadow",
-                      "step": -1, "weight": 0.0, "config": row.config},
-            ))  # fmt: skip
+            session.add(
+                Event(
+                    kind="rollout.started",
+                    subject=f"rollout-{row.id}",
+                    reason=row.reason,
+                    data={
+                        "candidate": adapter,
+                        "baseline": primary,
+                        "by": by,
+                        "stage": "shadow",
+                        "step": -1,
+                        "weight": 0.0,
+                        "config": row.config,
+                    },
+                )
+            )
             rollout_id = row.id
         metrics.publish_rollout(adapter, state.stage, 0.0)
         log.info("rollout started", extra={"rollout": rollout_id, "candidate": adapter})
@@ -245,26 +263,44 @@ class RolloutRunner:
             if table != old or after.stage in FINISHED:
                 add_routing_change(session, table, f"rollout {rollout_id}: {transition.reason}")
             self._statuses(session, row, before, after, transition.reason, now)
-            session.add(Event(
-                kind=f"rollout.{_past(transition.action)}", subject=f"rollout-{rollout_id}",
-                reason=transition.reason,
-                data={**json_safe(transition.figures), "by": by, "candidate": row.candidate,
-                      "baseline": row.baseline, "stage": after.stage, "step": after.step,
-                      "weight": after.weight(config)},
-            ))  # fmt: skip
+            session.add(
+                Event(
+                    kind=f"rollout.{_past(transition.action)}",
+                    subject=f"rollout-{rollout_id}",
+                    reason=transition.reason,
+                    data={
+                        **json_safe(transition.figures),
+                        "by": by,
+                        "candidate": row.candidate,
+                        "baseline": row.baseline,
+                        "stage": after.stage,
+                        "step": after.step,
+                        "weight": after.weight(config),
+                    },
+                )
+            )
             candidate = row.candidate
         metrics.publish_rollout(candidate, after.stage, after.weight(config))
         if transition.action in ("promote", "rollback"):
             metrics.ROLLOUT_ENDS.labels(
                 "promoted" if transition.action == "promote" else "rolled_back"
             ).inc()
-        log.info("rollout %s: %s", _past(transition.action), transition.reason,
-                 extra={"rollout": rollout_id})  # fmt: skip
+        log.info(
+            "rollout %s: %s",
+            _past(transition.action),
+            transition.reason,
+            extra={"rollout": rollout_id},
+        )
 
     def _statuses(
-        self, session: Any, row: Rollout, before: RolloutState, after: RolloutState, reason: str,
+        self,
+        session: Any,
+        row: Rollout,
+        before: RolloutState,
+        after: RolloutState,
+        reason: str,
         now: datetime,
-    ) -> None:  # fmt: skip
+    ) -> None:
         why = f"rollout {row.id}: {reason}"
         if after.stage == "canary" and before.stage != "canary":
             change_status(session, row.candidate, "canary", why)
@@ -301,9 +337,11 @@ class RolloutRunner:
                 kept.append(entry)  # the next tick tries again
                 continue
             await asyncio.to_thread(
-                self.store.record_event, "adapter.unloaded", "drained after its rollout",
+                self.store.record_event,
+                "adapter.unloaded",
+                "drained after its rollout",
                 entry["adapter"],
-            )  # fmt: skip
+            )
         if len(kept) != len(pending):
             await asyncio.to_thread(self.store.save_state, UNLOADS, {"pending": kept})
 
@@ -313,17 +351,18 @@ class RolloutRunner:
         try:
             if request.command == "start":
                 assert request.adapter is not None
-                rollout_id = await self.start(request.adapter, by=request.by,
-                                              reason=f"asked by {request.by}")  # fmt: skip
+                rollout_id = await self.start(
+                    request.adapter, by=request.by, reason=f"asked by {request.by}"
+                )
                 result = f"rollout {rollout_id} of {request.adapter} started in shadow"
             else:
                 rollout_id, result = await asyncio.to_thread(self._command, request)
         except RolloutRefusal as exc:
-            await asyncio.to_thread(control.settle, self.store, request.id, "refused",
-                                    str(exc), request.rollout_id)  # fmt: skip
+            await asyncio.to_thread(
+                control.settle, self.store, request.id, "refused", str(exc), request.rollout_id
+            )
             return
-        await asyncio.to_thread(control.settle, self.store, request.id, "done", result,
-                                rollout_id)  # fmt: skip
+        await asyncio.to_thread(control.settle, self.store, request.id, "done", result, rollout_id)
 
     def _command(self, request: CommandView) -> tuple[int, str]:
         with self.store.session() as session:
@@ -337,5 +376,10 @@ class RolloutRunner:
 
 
 def _past(action: str) -> str:
-    return {"advance": "advanced", "promote": "promoted", "rollback": "rolled_back",
-            "pause": "paused", "resume": "resumed"}.get(action, action)  # fmt: skip
+    return {
+        "advance": "advanced",
+        "promote": "promoted",
+        "rollback": "rolled_back",
+        "pause": "paused",
+        "resume": "resumed",
+    }.get(action, action)

@@ -36,10 +36,12 @@ def admin_router(gateway: Gateway) -> APIRouter:
             raise OpenAIError(400, str(exc), param="path", code="invalid_adapter") from None
         except AdapterNameTakenError:
             raise OpenAIError(
-                409, f"Adapter name '{body.name}' is taken by other weights; "
-                "give every version its own name (e.g. name-v2).", param="name",
+                409,
+                f"Adapter name '{body.name}' is taken by other weights; "
+                "give every version its own name (e.g. name-v2).",
+                param="name",
                 code="adapter_name_taken",
-            ) from None  # fmt: skip
+            ) from None
         except EngineUnavailableError:
             raise engine_unavailable(gateway.config.retry_after_s) from None
         return next(a for a in gateway.adapter_infos() if a.name == body.name)
@@ -66,8 +68,9 @@ def admin_router(gateway: Gateway) -> APIRouter:
         try:
             await gateway.adapters.set_routing(table, reason="set through the admin API")
         except KeyError as exc:
-            raise OpenAIError(400, f"Unknown adapters in routing table: {exc.args[0]}.",
-                              code="adapter_not_found") from None  # fmt: skip
+            raise OpenAIError(
+                400, f"Unknown adapters in routing table: {exc.args[0]}.", code="adapter_not_found"
+            ) from None
         return table
 
     return router

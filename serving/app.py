@@ -59,17 +59,21 @@ def create_app(
     async def require_api_key(request: Request) -> None:
         if config.api_keys and _bearer(request) not in config.api_keys:
             raise OpenAIError(
-                401, "Missing or invalid API key.", type="authentication_error",
+                401,
+                "Missing or invalid API key.",
+                type="authentication_error",
                 code="invalid_api_key",
-            )  # fmt: skip
+            )
 
     async def require_admin(request: Request) -> None:
         token = _bearer(request)
         if token is None or not secrets.compare_digest(token, config.admin_token):
             raise OpenAIError(
-                401, "Admin API needs 'Authorization: Bearer <admin token>'.",
-                type="authentication_error", code="invalid_admin_token",
-            )  # fmt: skip
+                401,
+                "Admin API needs 'Authorization: Bearer <admin token>'.",
+                type="authentication_error",
+                code="invalid_admin_token",
+            )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

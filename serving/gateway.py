@@ -208,9 +208,11 @@ class Gateway:
         except httpx.HTTPError as exc:
             status, error = 503, f"engine stream broke: {exc!r}"
             failure = OpenAIError(
-                503, "The inference engine stopped mid-stream.", type="engine_error",
+                503,
+                "The inference engine stopped mid-stream.",
+                type="engine_error",
                 code="engine_unavailable",
-            )  # fmt: skip
+            )
             yield f"data: {json.dumps(failure.body())}\n\n".encode()
         except asyncio.CancelledError:
             status, error = 499, "client disconnected"
@@ -276,9 +278,11 @@ class Gateway:
                 feedback_id = await asyncio.to_thread(add)
             except UnknownExchangeError:
                 raise OpenAIError(
-                    404, f"No exchange with id '{feedback.exchange_id}'.",
-                    param="exchange_id", code="exchange_not_found",
-                ) from None  # fmt: skip
+                    404,
+                    f"No exchange with id '{feedback.exchange_id}'.",
+                    param="exchange_id",
+                    code="exchange_not_found",
+                ) from None
         return FeedbackResponse(id=feedback_id, exchange_id=feedback.exchange_id)
 
     # admin
@@ -293,7 +297,7 @@ class Gateway:
                 fingerprint=a.fingerprint,
                 loaded=a.loaded,
                 routes=[role for role, name in roles.items() if name == a.name],
-            )  # fmt: skip
+            )
             for a in self.adapters.registered()
             if a.name != self.adapters.base_adapter
         ]

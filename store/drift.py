@@ -27,12 +27,23 @@ class DriftCheck(Base):
 
 class DriftRecords(StoreBase):
     def record_drift_check(
-        self, adapter: str, share: float | None, detected: bool | None, reason: str,
+        self,
+        adapter: str,
+        share: float | None,
+        detected: bool | None,
+        reason: str,
         columns: dict[str, Any],
-    ) -> None:  # fmt: skip
+    ) -> None:
         with self.session() as session:
-            session.add(DriftCheck(adapter=adapter, share=share, detected=detected, reason=reason,
-                                   columns=json_safe(columns)))  # fmt: skip
+            session.add(
+                DriftCheck(
+                    adapter=adapter,
+                    share=share,
+                    detected=detected,
+                    reason=reason,
+                    columns=json_safe(columns),
+                )
+            )
 
     def drift_checks(self, adapter: str, after_id: int = 0, limit: int = 100) -> list[DriftCheck]:
         """The adapter's drift checks after `after_id`, oldest first."""

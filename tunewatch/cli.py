@@ -188,11 +188,14 @@ def adapters(ctx: typer.Context, config: ConfigOption = None) -> None:
         table.add_column(column)
     for version in versions(Store(settings.store_url)):
         table.add_row(
-            version.name, version.status, "yes" if version.loaded else "no",
-            version.parent or "-", str(version.job_id or "-"),
+            version.name,
+            version.status,
+            "yes" if version.loaded else "no",
+            version.parent or "-",
+            str(version.job_id or "-"),
             version.created_at.strftime("%Y-%m-%d %H:%M"),
             ", ".join(f"{k}={v:.3g}" for k, v in version.metrics.items()) or "-",
-        )  # fmt: skip
+        )
     Console().print(table)
 
 
@@ -239,9 +242,14 @@ def rollout_status(config: ConfigOption = None) -> None:
         table.add_column(column, overflow="fold")
     for view in control.rollouts(store):
         table.add_row(
-            str(view.id), view.candidate, view.baseline or "base", view.stage,
-            f"{view.weight:.0%}", view.created_at.strftime("%Y-%m-%d %H:%M:%S"), view.reason,
-        )  # fmt: skip
+            str(view.id),
+            view.candidate,
+            view.baseline or "base",
+            view.stage,
+            f"{view.weight:.0%}",
+            view.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            view.reason,
+        )
     Console().print(table)
     active = control.active_rollout(store)
     guards = (active.look.get("guards") or {}) if active else {}
@@ -316,7 +324,7 @@ def retrain(
             help="Train on the golden set too.",
             show_default="retrain.use_goldens",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Train a LoRA adapter now, in the foreground, and register it as a candidate."""
@@ -368,9 +376,11 @@ def events(
         table.add_column(column, overflow="fold")
     for event in Store(settings.store_url).events(kind_prefix=kind, limit=limit):
         table.add_row(
-            event.created_at.strftime("%Y-%m-%d %H:%M:%S"), event.kind, event.subject or "-",
+            event.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            event.kind,
+            event.subject or "-",
             event.reason,
-        )  # fmt: skip
+        )
     Console().print(table)
 
 
@@ -407,9 +417,13 @@ def drift_calibrate(
     try:
         with console.status(f"{runs} A/A splits of {len(reference)} exchanges..."):
             result = calibrate(
-                reference, embedder.embed_exchanges, drift, current_size=options.window_size,
-                target_false_alarm=target, runs=runs,
-            )  # fmt: skip
+                reference,
+                embedder.embed_exchanges,
+                drift,
+                current_size=options.window_size,
+                target_false_alarm=target,
+                runs=runs,
+            )
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -418,9 +432,12 @@ def drift_calibrate(
         table.add_column(column)
     for column in result.columns:
         table.add_row(
-            str(column.column), column.method, f"{column.configured_threshold:.4g}",
-            f"{column.false_alarm_rate:.1%}", f"{column.proposed_threshold:.4g}",
-        )  # fmt: skip
+            str(column.column),
+            column.method,
+            f"{column.configured_threshold:.4g}",
+            f"{column.false_alarm_rate:.1%}",
+            f"{column.proposed_threshold:.4g}",
+        )
     Console().print(table)
     console.print(
         f"dataset verdict false alarms: {result.dataset_false_alarm_rate:.1%} now, "

@@ -76,16 +76,19 @@ async def monitor(settings: Settings, engine_url: str) -> None:
         runner = TrainingRunner(store, retrain_config(settings, model_dir))
         jobs += [
             PeriodicJob(
-                "trigger", lambda: asyncio.to_thread(trigger.evaluate),
+                "trigger",
+                lambda: asyncio.to_thread(trigger.evaluate),
                 settings.retrain.trigger_interval_s,
             ),
             PeriodicJob("training", runner.tick, settings.retrain.training_interval_s),
-        ]  # fmt: skip
+        ]
     if settings.rollout.enabled:
         rollouts = RolloutRunner(
-            store, engine, runner_config(settings),
+            store,
+            engine,
+            runner_config(settings),
             golden=sidecar.run_goldens if config.golden_set is not None else None,
-        )  # fmt: skip
+        )
         jobs.append(PeriodicJob("rollout", rollouts.tick, settings.rollout.interval_s))
     start_http_server(options.port, addr=options.host)
     log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})

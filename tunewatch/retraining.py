@@ -69,17 +69,24 @@ def runner_config(settings: Settings) -> RunnerConfig:
     options = settings.rollout
     try:
         guards = GuardConfig(
-            alpha=options.alpha, quality_margin=options.quality_margin,
-            latency_max_ratio=options.latency_max_ratio, error_margin=options.error_margin,
-            min_samples=options.min_samples, planned_samples=options.planned_samples,
+            alpha=options.alpha,
+            quality_margin=options.quality_margin,
+            latency_max_ratio=options.latency_max_ratio,
+            error_margin=options.error_margin,
+            min_samples=options.min_samples,
+            planned_samples=options.planned_samples,
             guards=tuple(options.guards),
-        )  # fmt: skip
+        )
         rollout = RolloutConfig(
-            steps=tuple(options.steps), shadow_fraction=options.shadow_fraction,
-            shadow_min_pairs=options.shadow_min_pairs, step_min_samples=options.step_min_samples,
-            stage_min_s=options.stage_min_s, stage_deadline_s=options.stage_deadline_s,
-            require_pass=options.require_pass, guards=guards,
-        )  # fmt: skip
+            steps=tuple(options.steps),
+            shadow_fraction=options.shadow_fraction,
+            shadow_min_pairs=options.shadow_min_pairs,
+            step_min_samples=options.step_min_samples,
+            stage_min_s=options.stage_min_s,
+            stage_deadline_s=options.stage_deadline_s,
+            require_pass=options.require_pass,
+            guards=guards,
+        )
     except ValueError as exc:
         raise SettingsError(f"rollout: {exc}") from None
     return RunnerConfig(rollout, options.metric, options.auto_start, options.drain_s)

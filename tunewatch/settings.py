@@ -95,9 +95,11 @@ class RetrainSettings(_Section):
     enter_share: float = Field(default=0.25, ge=0, le=1)
     exit_share: float = Field(default=0.125, ge=0, le=1)
     quality_drop: float | None = Field(
-        default=None, gt=0, le=1,
+        default=None,
+        gt=0,
+        le=1,
         description="Also retrain when quality falls this far (relative) below its baseline.",
-    )  # fmt: skip
+    )
     quality_metric: Literal["chrf", "exact_match", "rouge_l"] = "chrf"
     family: str | None = Field(
         default=None,

@@ -122,9 +122,11 @@ async def _serve_http(
     )
     log.info(
         "gateway listening",
-        extra={"url": f"http://{settings.gateway.host}:{settings.gateway.port}/v1",
-               "model": settings.engine.served_model_name},
-    )  # fmt: skip
+        extra={
+            "url": f"http://{settings.gateway.host}:{settings.gateway.port}/v1",
+            "model": settings.engine.served_model_name,
+        },
+    )
     await server.serve()
 
 
@@ -174,20 +176,26 @@ async def up(settings: Settings, config_file: Path | None) -> None:
 
     launch = engine_launch(settings, model_dir)
     engine = SupervisedProcess(
-        "engine", launch.command(), launch.environment(), settings.state_dir / "engine.log",
+        "engine",
+        launch.command(),
+        launch.environment(),
+        settings.state_dir / "engine.log",
         healthy=gateway.engine.healthy,
         on_restart=recorder("engine.restarted", gateway.adapters.reconcile),
         startup_timeout_s=settings.engine.startup_timeout_s,
-    )  # fmt: skip
+    )
     tunewatch = str(Path(sys.executable).parent / "tunewatch")
     config_args = ["--config", str(config_file)] if config_file else []
     monitor_url = f"http://{settings.monitor.host}:{settings.monitor.port}/metrics"
     monitor_process = SupervisedProcess(
-        "monitor", [tunewatch, "monitor", "--engine-url", engine_url, *config_args],
-        dict(os.environ), settings.state_dir / "monitor.log",
+        "monitor",
+        [tunewatch, "monitor", "--engine-url", engine_url, *config_args],
+        dict(os.environ),
+        settings.state_dir / "monitor.log",
         healthy=lambda: _http_ok(monitor_url),
-        on_restart=recorder("monitor.restarted"), startup_timeout_s=120,
-    )  # fmt: skip
+        on_restart=recorder("monitor.restarted"),
+        startup_timeout_s=120,
+    )
     prometheus_process = _prometheus(settings, recorder("prometheus.restarted"))
     children = [engine, monitor_process]
     log.info("starting vLLM (about a minute on CPU)", extra={"log": str(engine.log_file)})
@@ -220,10 +228,14 @@ def _prometheus(
         return None
     log.info("starting prometheus", extra={"url": f"http://{options.host}:{options.port}"})
     return SupervisedProcess(
-        "prometheus", command, dict(os.environ), settings.state_dir / "prometheus.log",
+        "prometheus",
+        command,
+        dict(os.environ),
+        settings.state_dir / "prometheus.log",
         healthy=lambda: _http_ok(f"http://{options.host}:{options.port}/-/ready"),
-        on_restart=on_restart, startup_timeout_s=60,
-    )  # fmt: skip
+        on_restart=on_restart,
+        startup_timeout_s=60,
+    )
 
 
 async def serve(settings: Settings, engine_url: str) -> None:

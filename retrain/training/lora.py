@@ -12,7 +12,7 @@ the caller and to a rich bar on a terminal, and a partial budget (the trials of
 retrain.training.hpo) ends the run after its share of the steps.
 
 Threads are explicit: on a shared CPU, torch's default (every core) fights the engine and
-slows both several-fold (DESIGN.md), so a job gets a thread count, split among the
+slows both several-fold (docs/design.md), so a job gets a thread count, split among the
 processes of a distributed run, never more than the cores it was given. bf16 is used only
 where the hardware does it natively (CUDA with bf16, or a CPU with AMX or AVX512-BF16);
 elsewhere it would be emulated, slower than float32.
@@ -327,10 +327,13 @@ class RichProgressBar(TrainerCallback):
 
     def __init__(self) -> None:
         self.bar = Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), "{task.fields[losses]}",
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            "{task.fields[losses]}",
             console=Console(stderr=True),
-        )  # fmt: skip
+        )
         self.task = self.bar.add_task("training", total=None, losses="")
         self.latest: dict[str, float] = {}
 
@@ -425,8 +428,10 @@ def generate(
     model.eval()
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+        )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -67,8 +67,6 @@ _STAGE_OF_KIND = {
 }
 
 
-
-
 # --- The report, as plain values ------------------------------------------------------------
 
 
@@ -486,9 +484,11 @@ def _decisions(events: list[Event], summary: RolloutSummary) -> tuple[RecordedDe
         if weight is None:
             weight = _weight(stage, step, steps)
         before = data.get("stage")
-        if "to_stage" in data and before is not None and (before, data.get("step")) != (
-            data["to_stage"], data.get("to_step")
-        ):  # fmt: skip
+        if (
+            "to_stage" in data
+            and before is not None
+            and (before, data.get("step")) != (data["to_stage"], data.get("to_step"))
+        ):
             from_stage, from_step = str(before), _count(data.get("step"))
             from_weight = _number(data.get("weight"))
             if from_weight is None:

@@ -114,20 +114,67 @@ def _figure(report: RolloutReport) -> go.Figure:
         colour = _STAGE_COLOUR.get(span.stage, "#dddddd")
         label = _e(stage_label(span.stage, span.step, span.weight, steps))
         x0, x1 = _x(span.start), _x(span.end)
-        fig.add_shape(type="rect", xref="x", yref="paper", x0=x0, x1=x1, y0=0, y1=1,
-                      fillcolor=colour, opacity=0.15, line_width=0, layer="below")  # fmt: skip
-        fig.add_shape(type="rect", xref="x", yref="y", x0=x0, x1=x1, y0=0, y1=1,
-                      fillcolor=colour, opacity=0.7, line_width=0, layer="below")  # fmt: skip
-        fig.add_annotation(x=x0, y=0.5, xref="x", yref="y", xanchor="left", xshift=8,
-                           showarrow=False, font={"size": 11},
-                           text=label)  # fmt: skip
+        fig.add_shape(
+            type="rect",
+            xref="x",
+            yref="paper",
+            x0=x0,
+            x1=x1,
+            y0=0,
+            y1=1,
+            fillcolor=colour,
+            opacity=0.15,
+            line_width=0,
+            layer="below",
+        )
+        fig.add_shape(
+            type="rect",
+            xref="x",
+            yref="y",
+            x0=x0,
+            x1=x1,
+            y0=0,
+            y1=1,
+            fillcolor=colour,
+            opacity=0.7,
+            line_width=0,
+            layer="below",
+        )
+        fig.add_annotation(
+            x=x0,
+            y=0.5,
+            xref="x",
+            yref="y",
+            xanchor="left",
+            xshift=8,
+            showarrow=False,
+            font={"size": 11},
+            text=label,
+        )
     for d in report.decisions:  # a dotted line each, named above the timeline
         colour = _DECISION_COLOUR.get(d.kind, "#333333")
-        fig.add_shape(type="line", xref="x", yref="paper", x0=_x(d.at), x1=_x(d.at), y0=0, y1=1,
-                      line={"color": colour, "width": 1.5, "dash": "dot"})  # fmt: skip
-        fig.add_annotation(x=_x(d.at), y=1, xref="x", yref="paper", yanchor="bottom",
-                           xanchor="left", textangle=-25, showarrow=False,
-                           font={"size": 10, "color": colour}, text=_e(d.action))  # fmt: skip
+        fig.add_shape(
+            type="line",
+            xref="x",
+            yref="paper",
+            x0=_x(d.at),
+            x1=_x(d.at),
+            y0=0,
+            y1=1,
+            line={"color": colour, "width": 1.5, "dash": "dot"},
+        )
+        fig.add_annotation(
+            x=_x(d.at),
+            y=1,
+            xref="x",
+            yref="paper",
+            yanchor="bottom",
+            xanchor="left",
+            textangle=-25,
+            showarrow=False,
+            font={"size": 10, "color": colour},
+            text=_e(d.action),
+        )
     if report.decisions:
         fig.add_trace(
             go.Scatter(
