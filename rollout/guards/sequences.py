@@ -309,6 +309,33 @@ def _bounded_comparison(
     return cand, prim, iv
 
 
+def _judged(
+    name: Guard,
+    label: str,
+    verdict: Verdict,
+    iv: _Interval,
+    n_candidate: int,
+    n_primary: int,
+    alpha: float,
+    reason: str,
+    figures: dict[str, Any],
+) -> GuardResult:
+    """The result of a guard judged on a difference's CS."""
+    return GuardResult(
+        name,
+        label,
+        verdict,
+        iv.estimate,
+        iv.lower,
+        iv.upper,
+        n_candidate,
+        n_primary,
+        alpha,
+        reason,
+        figures,
+    )
+
+
 def _noninferiority_verdict(iv: _Interval, margin: float) -> tuple[Verdict, str]:
     lo, hi = _d(iv.lower), _d(iv.upper)
     if iv.upper < 0:
@@ -382,19 +409,7 @@ def quality_noninferiority(
         "stderr": iv.stderr,
         "effective_samples": iv.tau,
     }
-    return GuardResult(
-        Guard.QUALITY,
-        label,
-        verdict,
-        iv.estimate,
-        iv.lower,
-        iv.upper,
-        cand.n,
-        prim.n,
-        alpha,
-        reason,
-        figures,
-    )
+    return _judged(Guard.QUALITY, label, verdict, iv, cand.n, prim.n, alpha, reason, figures)
 
 
 def quality_paired(
@@ -447,19 +462,7 @@ def quality_paired(
         f"(each bound {_pct(alpha)}, all looks); {rule}"
     )
     figures |= {"candidate_mean": cm, "primary_mean": pm, "stderr": stderr}
-    return GuardResult(
-        Guard.QUALITY,
-        label,
-        verdict,
-        iv.estimate,
-        iv.lower,
-        iv.upper,
-        diff.n,
-        diff.n,
-        alpha,
-        reason,
-        figures,
-    )
+    return _judged(Guard.QUALITY, label, verdict, iv, diff.n, diff.n, alpha, reason, figures)
 
 
 def latency_ratio(
@@ -570,19 +573,7 @@ def error_rate(
         "stderr": iv.stderr,
         "effective_samples": iv.tau,
     }
-    return GuardResult(
-        Guard.ERRORS,
-        label,
-        verdict,
-        iv.estimate,
-        iv.lower,
-        iv.upper,
-        cand.n,
-        prim.n,
-        alpha,
-        reason,
-        figures,
-    )
+    return _judged(Guard.ERRORS, label, verdict, iv, cand.n, prim.n, alpha, reason, figures)
 
 
 # --- All guards together --------------------------------------------------------------------

@@ -114,32 +114,10 @@ def _figure(report: RolloutReport) -> go.Figure:
         colour = _STAGE_COLOUR.get(span.stage, "#dddddd")
         label = _e(stage_label(span.stage, span.step, span.weight, steps))
         x0, x1 = _x(span.start), _x(span.end)
-        fig.add_shape(
-            type="rect",
-            xref="x",
-            yref="paper",
-            x0=x0,
-            x1=x1,
-            y0=0,
-            y1=1,
-            fillcolor=colour,
-            opacity=0.15,
-            line_width=0,
-            layer="below",
-        )
-        fig.add_shape(
-            type="rect",
-            xref="x",
-            yref="y",
-            x0=x0,
-            x1=x1,
-            y0=0,
-            y1=1,
-            fillcolor=colour,
-            opacity=0.7,
-            line_width=0,
-            layer="below",
-        )
+        band = {"type": "rect", "xref": "x", "x0": x0, "x1": x1, "y0": 0, "y1": 1}
+        band |= {"fillcolor": colour, "line_width": 0, "layer": "below"}
+        fig.add_shape(**band, yref="paper", opacity=0.15)  # across every panel
+        fig.add_shape(**band, yref="y", opacity=0.7)  # on the timeline
         fig.add_annotation(
             x=x0,
             y=0.5,
