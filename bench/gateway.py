@@ -1,6 +1,6 @@
 """What the tunewatch gateway costs on the request path. Prints figures; asserts nothing.
 
-Two measurements in one run (benchmarks print; tests never time, see DESIGN.md):
+Two measurements in one run (benchmarks print; tests never time, see docs/design.md):
 
 real      The same chat completions sent straight to a running vLLM and through the
           gateway in front of it (recording on, SQLite store in a temp dir), at
@@ -54,9 +54,10 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.adapters import AdapterSet
+from serving.app import create_app
 from serving.engine import EngineClient
-from serving.gateway import Gateway, GatewayConfig, create_app
-from serving.store import Store
+from serving.gateway import Gateway, GatewayConfig
+from store import Store
 from tests.ports import free_port
 from tunewatch.settings import Settings, load_settings
 from tunewatch.stack import build_gateway, prepare
@@ -453,9 +454,14 @@ def figures_table(title: str, results: list[Result]) -> Table:
     for r in results:
         cpu = "-" if r.cpu_ms_per_request is None else f"{r.cpu_ms_per_request:.2f}"
         table.add_row(
-            r.name, str(r.concurrency), str(len(r.latencies)), f"{r.rps:.2f}",
-            f"{r.quantile_ms(0.5):.1f}", f"{r.quantile_ms(0.99):.1f}", cpu,
-        )  # fmt: skip
+            r.name,
+            str(r.concurrency),
+            str(len(r.latencies)),
+            f"{r.rps:.2f}",
+            f"{r.quantile_ms(0.5):.1f}",
+            f"{r.quantile_ms(0.99):.1f}",
+            cpu,
+        )
     return table
 
 
@@ -496,13 +502,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine-url", default="http://127.0.0.1:8100", help="a running vLLM")
     parser.add_argument(
-        "--requests", type=positive_int, default=64,
+        "--requests",
+        type=positive_int,
+        default=64,
         help="real part: requests per side at concurrency 8 (a quarter of it at concurrency 1)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--overhead-requests", type=positive_int, default=2000,
+        "--overhead-requests",
+        type=positive_int,
+        default=2000,
         help="overhead part: requests per side",
-    )  # fmt: skip
+    )
     parser.add_argument("--skip-real", action="store_true", help="run the overhead part only")
     return parser.parse_args()
 

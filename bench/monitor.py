@@ -1,6 +1,6 @@
 """What tunewatch's drift verdicts are worth against Evidently's defaults. Prints figures only.
 
-Two measurements in one run (benchmarks print; tests never time, see DESIGN.md):
+Two measurements in one run (benchmarks print; tests never time, see docs/design.md):
 
 detection  A reference window of REFERENCE prompts, and streams of requests judged every
            CHECK_EVERY requests on the last WINDOW (the current window), as the monitor
@@ -35,7 +35,7 @@ logprob drawn from one distribution, 2% refusals, 1% empty): the shifts are in p
     .venv/bin/python -m bench.monitor [--threads 2] [--streams 10] [--quiet-checks 300]
 
 Thread counts are explicit (torch for the embedding model, BLAS for the tests): the
-cores are shared (DESIGN.md). The default run takes about ten minutes on two busy cores.
+cores are shared (docs/design.md). The default run takes about ten minutes on two busy cores.
 """
 
 from __future__ import annotations
@@ -90,10 +90,15 @@ SOURCES = {
 REFERENCE_TOPICS = ("statistics", "databases", "web", "deep learning")
 NEW_TOPIC = "graph algorithms"
 FRAMES = (
-    "{}", "Explain this: {}", "Can you explain what this means? {}", "Rewrite more simply: {}",
-    "Is this statement accurate? {}", "Give me an example for this: {}",
-    "Summarize in one sentence: {}", "What does this mean in practice? {}",
-)  # fmt: skip
+    "{}",
+    "Explain this: {}",
+    "Can you explain what this means? {}",
+    "Rewrite more simply: {}",
+    "Is this statement accurate? {}",
+    "Give me an example for this: {}",
+    "Summarize in one sentence: {}",
+    "What does this mean in practice? {}",
+)
 JSON_FORMAT = 'Reply only with JSON of the form {{"answer": "...", "confidence": 0.0}}. Input: {}'
 REFUSAL = "I'm sorry, but I can't help with that."
 
@@ -271,9 +276,13 @@ def calibrated_embedding_threshold(reference: Window, corpus: Corpus, config: Dr
         config, tests={Column.PROMPT_EMBEDDING: config.tests[Column.PROMPT_EMBEDDING]}
     )
     calibration = calibrate(
-        reference, corpus.embed, only_embedding, current_size=WINDOW,
-        target_false_alarm=TARGET_FALSE_ALARM, runs=CALIBRATION_RUNS,
-    )  # fmt: skip
+        reference,
+        corpus.embed,
+        only_embedding,
+        current_size=WINDOW,
+        target_false_alarm=TARGET_FALSE_ALARM,
+        runs=CALIBRATION_RUNS,
+    )
     return calibration.columns[0].proposed_threshold
 
 
@@ -288,21 +297,37 @@ def judges(reference: Window, corpus: Corpus, threads: int) -> tuple[list[Judge]
     default_mmd = ours.tests[Column.PROMPT_EMBEDDING].threshold
     classifier = replace(ours, tests={Column.PROMPT_EMBEDDING: ColumnTest("model", auc)})
     return [
-        Judge("tunewatch", ours, {
-            "tunewatch: dataset verdict (defaults)": lambda r: bool(r.drifted),
-            f"tunewatch: embedding, MMD > {default_mmd:.5f} (default)": embedding_row(default_mmd),
-            f"tunewatch: embedding, MMD > {mmd:.5f} (calibrated to 1%)": embedding_row(mmd),
-        }),
-        Judge("evidently", evidently, {
-            "Evidently defaults: dataset verdict (share >= 0.5)": lambda r: bool(r.drifted),
-            "Evidently defaults: embedding, classifier AUC > 0.55":
-                lambda r: bool(r.column(Column.PROMPT_EMBEDDING).drifted),
-        }),
-        Judge("classifier", classifier, {
-            f"Evidently's classifier, AUC > {auc:.3f} (calibrated to 1%)":
-                lambda r: bool(r.drifted),
-        }),
-    ], calibrate_seconds  # fmt: skip
+        Judge(
+            "tunewatch",
+            ours,
+            {
+                "tunewatch: dataset verdict (defaults)": lambda r: bool(r.drifted),
+                f"tunewatch: embedding, MMD > {default_mmd:.5f} (default)": embedding_row(
+                    default_mmd
+                ),
+                f"tunewatch: embedding, MMD > {mmd:.5f} (calibrated to 1%)": embedding_row(mmd),
+            },
+        ),
+        Judge(
+            "evidently",
+            evidently,
+            {
+                "Evidently defaults: dataset verdict (share >= 0.5)": lambda r: bool(r.drifted),
+                "Evidently defaults: embedding, classifier AUC > 0.55": lambda r: bool(
+                    r.column(Column.PROMPT_EMBEDDING).drifted
+                ),
+            },
+        ),
+        Judge(
+            "classifier",
+            classifier,
+            {
+                f"Evidently's classifier, AUC > {auc:.3f} (calibrated to 1%)": lambda r: bool(
+                    r.drifted
+                ),
+            },
+        ),
+    ], calibrate_seconds
 
 
 def stream(
@@ -386,8 +411,10 @@ def detection(args: argparse.Namespace, corpus: Corpus, console: Console) -> Non
             for row in rows:
                 delays.setdefault((row, shift), []).append(first[row])
 
-    table = Table(title=f"Drift detection: {args.streams} shifted streams per kind, "
-                  f"{quiet_checks} no-shift checks")  # fmt: skip
+    table = Table(
+        title=f"Drift detection: {args.streams} shifted streams per kind, "
+        f"{quiet_checks} no-shift checks"
+    )
     table.add_column("judge")
     table.add_column("false alarms / check\n(95% upper bound)", justify="right")
     for shift in ("topic", "format"):

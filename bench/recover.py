@@ -37,22 +37,43 @@ from pathlib import Path
 from sqlalchemy import select
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
-from serving.store import DriftCheck, Event, Store, TrainingJob
+from store import Store
+from store.drift import DriftCheck
+from store.events import Event
+from store.jobs import TrainingJob
 from tests.ports import free_port
 
-TAXES = ["How do I file my {} tax return?", "Which {} expenses are tax deductible?",
-         "When is the {} income tax deadline?", "How are {} capital gains taxed?"]  # fmt: skip
+TAXES = [
+    "How do I file my {} tax return?",
+    "Which {} expenses are tax deductible?",
+    "When is the {} income tax deadline?",
+    "How are {} capital gains taxed?",
+]
 TIMEOUT_S = 1200
 
 
 def exchange(prompt: str, at: datetime) -> dict:
     return dict(
-        id=uuid.uuid4().hex, created_at=at, route="primary", adapter="base", parent_id=None,
-        endpoint="chat.completions", user=None, prompt=prompt, request={},
-        response="The capital is a city.", prompt_tokens=12, completion_tokens=6,
-        ttft_seconds=None, latency_seconds=1.0, mean_logprob=-0.8, finish_reason="stop",
-        status="ok", http_status=200, error=None,
-    )  # fmt: skip
+        id=uuid.uuid4().hex,
+        created_at=at,
+        route="primary",
+        adapter="base",
+        parent_id=None,
+        endpoint="chat.completions",
+        user=None,
+        prompt=prompt,
+        request={},
+        response="The capital is a city.",
+        prompt_tokens=12,
+        completion_tokens=6,
+        ttft_seconds=None,
+        latency_seconds=1.0,
+        mean_logprob=-0.8,
+        finish_reason="stop",
+        status="ok",
+        http_status=200,
+        error=None,
+    )
 
 
 def first(store: Store, query) -> datetime | None:
@@ -75,29 +96,45 @@ def main() -> None:
 def run(state_dir: Path, args: argparse.Namespace) -> None:
     store = Store(f"sqlite:///{state_dir / 'tunewatch.db'}")
     past = datetime.now(UTC) - timedelta(days=1)
-    store.record_exchanges([
-        exchange(TAXES[n % 4].format(f"{['my', 'our', 'the', 'a'][n // 4 % 4]} {n}"),
-                 past + timedelta(seconds=n))
-        for n in range(250)
-    ])  # fmt: skip
-    training = {"learning_rate": 2e-3, "epochs": 2, "batch_size": 8, "max_length": 64,
-                "eval_max_new_tokens": 16}  # fmt: skip
+    store.record_exchanges(
+        [
+            exchange(
+                TAXES[n % 4].format(f"{['my', 'our', 'the', 'a'][n // 4 % 4]} {n}"),
+                past + timedelta(seconds=n),
+            )
+            for n in range(250)
+        ]
+    )
+    training = {
+        "learning_rate": 2e-3,
+        "epochs": 2,
+        "batch_size": 8,
+        "max_length": 64,
+        "eval_max_new_tokens": 16,
+    }
     env = dict(
-        os.environ, TUNEWATCH_STATE_DIR=str(state_dir), TUNEWATCH_MONITOR__PORT=str(free_port()),
-        TUNEWATCH_MONITOR__GOLDEN_ENABLED="false", TUNEWATCH_MONITOR__WINDOW_SIZE="100",
-        TUNEWATCH_MONITOR__REFERENCE_SIZE="250", TUNEWATCH_MONITOR__DRIFT_INTERVAL_S="5",
-        TUNEWATCH_RETRAIN__TRIGGER_INTERVAL_S="2", TUNEWATCH_RETRAIN__TRAINING_INTERVAL_S="2",
+        os.environ,
+        TUNEWATCH_STATE_DIR=str(state_dir),
+        TUNEWATCH_MONITOR__PORT=str(free_port()),
+        TUNEWATCH_MONITOR__GOLDEN_ENABLED="false",
+        TUNEWATCH_MONITOR__WINDOW_SIZE="100",
+        TUNEWATCH_MONITOR__REFERENCE_SIZE="250",
+        TUNEWATCH_MONITOR__DRIFT_INTERVAL_S="5",
+        TUNEWATCH_RETRAIN__TRIGGER_INTERVAL_S="2",
+        TUNEWATCH_RETRAIN__TRAINING_INTERVAL_S="2",
         TUNEWATCH_RETRAIN__CONSECUTIVE_CHECKS=str(args.checks),
         TUNEWATCH_RETRAIN__MIN_NEW_LABELLED=str(args.labels),
         TUNEWATCH_RETRAIN__THREADS=str(args.threads),
         TUNEWATCH_RETRAIN__TRAINING=json.dumps(training),
-    )  # fmt: skip
+    )
     tunewatch = str(Path(sys.executable).parent / "tunewatch")
     log = (state_dir / "monitor.log").open("wb")
     daemon = subprocess.Popen(
-        [tunewatch, "monitor", "--engine-url", "http://127.0.0.1:9"], env=env,
-        stdout=log, stderr=log,
-    )  # fmt: skip
+        [tunewatch, "monitor", "--engine-url", "http://127.0.0.1:9"],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     print(f"the daemon starts (pid {daemon.pid}); waiting for its first drift check")
     try:
         while first(store, select(DriftCheck)) is None:
@@ -141,8 +178,7 @@ def report(store: Store, onset: datetime, sent: int) -> None:
         .order_by(DriftCheck.id),
     )
     decided = first(store, select(Event).where(Event.kind == "retrain.queued").order_by(Event.id))
-    started = first(store, select(Event).where(
-        Event.kind == "retrain.started").order_by(Event.id))  # fmt: skip
+    started = first(store, select(Event).where(Event.kind == "retrain.started").order_by(Event.id))
     with store.session() as session:
         job = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc())).first()
         finished = job.finished_at if job else None
@@ -151,8 +187,10 @@ def report(store: Store, onset: datetime, sent: int) -> None:
     print(f"first drifted check       {since(detected)}")
     print(f"retrain decided           {since(decided)}")
     print(f"training started          {since(started)}")
-    print(f"candidate registered      {since(finished if status == 'succeeded' else None)}"
-          f"   ({sent} exchanges sent since the onset; job {status})")  # fmt: skip
+    print(
+        f"candidate registered      {since(finished if status == 'succeeded' else None)}"
+        f"   ({sent} exchanges sent since the onset; job {status})"
+    )
     if error:
         print(f"the job failed: {error}")
     figures = result.get("metrics", {})

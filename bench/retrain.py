@@ -1,7 +1,7 @@
 """What the trainer costs: retrain.trainer against a plain PEFT + torch loop on the same data;
 and, asked for, how well HPO's 20% scores predict the final ones. Prints figures; asserts nothing.
 
-trainer   `retrain.trainer.train` as the daemon runs it, minus the final generation: the
+trainer   `retrain.training.lora.train` as the daemon runs it, minus the final generation: the
           transformers Trainer with per-epoch validation, a checkpoint per epoch, the best
           epoch restored at the end, the NaN guard and the progress callback.
 plain     the least a LoRA fine-tune has to do: the same model, LoRA config, collator,
@@ -14,8 +14,8 @@ Throughput: training samples per second, and non-padding tokens per second. On 2
 cores the wall times follow whoever else wants the cores: compare figures of one run only;
 the process CPU time of each whole run (loading included, the same for both) is steadier.
 
-hpo       with --hpo-trials N (default 0: none), `retrain.hpo.tune` searches N trials on the
-          same data and config (--epochs), each judged at --hpo-budget (0.2) of its steps;
+hpo       with --hpo-trials N (default 0: none), `retrain.training.hpo.tune` searches N trials
+          on the same data and config (--epochs), each judged at --hpo-budget (0.2) of its steps;
           then every trial is trained to the full budget, to see whether the early ranking
           was the final one: a table of the trials (params, early and final validation loss,
           both ranks), Spearman's rho between the two with its p-value, whether the early
@@ -46,8 +46,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from retrain.data import build_training_set, read_examples, render, write_training_set
-from retrain.hpo import TrialResult, finish, rank_agreement, tune
-from retrain.trainer import TrainingConfig, TrainingSpec, train
+from retrain.training.hpo import TrialResult, finish, rank_agreement, tune
+from retrain.training.lora import train
+from retrain.training.spec import TrainingConfig, TrainingSpec
 from tunewatch import stack
 from tunewatch.settings import load_settings
 
@@ -82,9 +83,12 @@ def run_trainer(model_dir: Path, data: tuple[Path, Path], config: TrainingConfig
     if result is None:
         raise SystemExit("run the benchmark as one process, not under torchrun")
     return Throughput(
-        "trainer", result.train_seconds, result.samples_per_second, result.tokens_per_second,
+        "trainer",
+        result.train_seconds,
+        result.samples_per_second,
+        result.tokens_per_second,
         time.process_time() - cpu,
-    )  # fmt: skip
+    )
 
 
 def run_plain(model_dir: Path, data: tuple[Path, Path], config: TrainingConfig) -> Throughput:
@@ -95,18 +99,24 @@ def run_plain(model_dir: Path, data: tuple[Path, Path], config: TrainingConfig) 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         LoraConfig(
-            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-            target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            task_type="CAUSAL_LM",
         ),
-    )  # fmt: skip
+    )
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
     train_set, validation_set = (
         [render(e, tokenizer).features() for e in read_examples(path)] for path in data
     )
     batches = DataLoader(
-        train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(config.seed),
-    )  # fmt: skip
+    )
     validation = DataLoader(validation_set, batch_size=config.batch_size, collate_fn=collate)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate
@@ -140,9 +150,14 @@ def main() -> None:
     parser.add_argument("--hpo-budget", type=float, default=0.2, help="of a trial's steps")
     args = parser.parse_args()
     config = replace(
-        TrainingConfig(), epochs=args.epochs, threads=args.threads, max_length=64,
-        batch_size=8, eval_max_examples=0, patience=args.epochs,
-    )  # fmt: skip
+        TrainingConfig(),
+        epochs=args.epochs,
+        threads=args.threads,
+        max_length=64,
+        batch_size=8,
+        eval_max_examples=0,
+        patience=args.epochs,
+    )
     model_dir, _ = stack.prepare(load_settings())
     runs: list[Throughput] = []
     with tempfile.TemporaryDirectory(prefix="bench-retrain-data-") as scratch:

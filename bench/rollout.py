@@ -2,7 +2,7 @@
 
 Simulated rollouts, judged four ways on the same simulated requests (common random numbers):
 
-tunewatch    `retrain.guards.judge` on ALL the evidence of the rollout so far, after every
+tunewatch    `rollout.guards.judge` on ALL the evidence of the rollout so far, after every
              interval (confidence sequences; alpha 0.05 over the whole rollout, split over
              the three guards). Rows for the defaults and, on the gpu profile, for a
              configuration scaled to its traffic (`planned_samples`).
@@ -58,7 +58,8 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from retrain.guards import Evidence, GuardConfig, Summary, boundary, judge
+from rollout.guards.sequences import boundary, judge
+from rollout.guards.types import Evidence, Guard, GuardConfig, Summary
 
 P_EXACT = 0.6
 LATENCY_SIGMA = 0.4  # log-sd; median 1 s
@@ -238,14 +239,14 @@ def run_tunewatch(data: list[Interval], minimum: int, config: GuardConfig) -> Ou
             judgement = judge(Evidence(qc, qp, lc, lp, ec, ep), config)
             if judgement.verdict == "fail":
                 rolled[r], live[r], stop[r] = True, False, k
-                failed = next(g.guard for g in judgement.results if g.verdict == "fail")
-                cause[r] = "exact match" if failed.startswith("quality") else failed
+                failed = next(g.name for g in judgement.results if g.verdict == "fail")
+                cause[r] = "exact match" if failed == Guard.QUALITY else str(failed)
             elif judgement.verdict == "pass" and k >= minimum - 1:
                 proven[r], live[r], stop[r] = True, False, k
             elif k == len(data) - 1:
                 for g in judgement.results:
                     if g.verdict == "inconclusive":
-                        name = g.guard.split(" ")[0]
+                        name = g.name
                         undecided[name] = undecided.get(name, 0) + 1
         if not live.any():
             break

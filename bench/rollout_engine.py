@@ -37,8 +37,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
-from retrain import rollout_control
-from serving.store import Store
+from rollout import control
+from store import Store
 from tests.ports import free_ports
 from tunewatch import stack
 from tunewatch.settings import load_settings
@@ -49,8 +49,13 @@ SERVED = "smollm2-135m-instruct"
 def unchanged_adapter(model_dir: Path, target: Path) -> Path:
     torch.manual_seed(11)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=True, task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=True,
+        task_type="CAUSAL_LM",
+    )
     get_peft_model(model, config).save_pretrained(target)
     return target
 
@@ -60,12 +65,14 @@ class Load:
 
     def __init__(self, gateway: str, concurrency: int) -> None:
         self.gateway, self.concurrency = gateway, concurrency
-        self.client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", timeout=300,
-                                    max_retries=0)  # fmt: skip
+        self.client = openai.OpenAI(
+            base_url=f"{gateway}/v1", api_key="unused", timeout=300, max_retries=0
+        )
         self.questions = load_golden_set(DEFAULT_GOLDEN_SET)
         self.stop, self.answered, self.failed = threading.Event(), 0, 0
-        self.threads = [threading.Thread(target=self.user, args=(n,), daemon=True)
-                        for n in range(concurrency)]  # fmt: skip
+        self.threads = [
+            threading.Thread(target=self.user, args=(n,), daemon=True) for n in range(concurrency)
+        ]
 
     def user(self, seat: int) -> None:
         n = seat
@@ -74,11 +81,16 @@ class Load:
             n += self.concurrency
             try:
                 reply = self.client.chat.completions.with_raw_response.create(
-                    model=SERVED, max_tokens=32, temperature=0, user=uuid.uuid4().hex,
+                    model=SERVED,
+                    max_tokens=32,
+                    temperature=0,
+                    user=uuid.uuid4().hex,
                     messages=[{"role": "user", "content": question.prompt}],
-                )  # fmt: skip
-                feedback = {"exchange_id": reply.headers["x-tunewatch-exchange-id"],
-                            "reference": question.reference}  # fmt: skip
+                )
+                feedback = {
+                    "exchange_id": reply.headers["x-tunewatch-exchange-id"],
+                    "reference": question.reference,
+                }
                 httpx.post(f"{self.gateway}/v1/feedback", json=feedback, timeout=30)
                 self.answered += 1
             except (openai.APIError, httpx.HTTPError):
@@ -102,11 +114,12 @@ def main() -> None:
 def run(state_dir: Path, model_dir: Path, args: argparse.Namespace) -> None:
     ports = dict(zip(("gateway", "engine", "monitor"), free_ports(3), strict=True))
     env = dict(
-        os.environ, TUNEWATCH_STATE_DIR=str(state_dir),
+        os.environ,
+        TUNEWATCH_STATE_DIR=str(state_dir),
         TUNEWATCH_GATEWAY__PORT=str(ports["gateway"]),
         TUNEWATCH_ENGINE__PORT=str(ports["engine"]),
         TUNEWATCH_MONITOR__PORT=str(ports["monitor"]),
-    )  # fmt: skip
+    )
     tunewatch = str(Path(sys.executable).parent / "tunewatch")
     log = (state_dir / "tunewatch.log").open("wb")
     daemon = subprocess.Popen([tunewatch, "up"], env=env, stdout=log, stderr=log)
@@ -122,29 +135,37 @@ def run(state_dir: Path, model_dir: Path, args: argparse.Namespace) -> None:
         load = Load(gateway, args.concurrency)
         load.start()
         adapter = unchanged_adapter(model_dir, state_dir / "same")
-        subprocess.run([tunewatch, "adapters", "add", str(adapter), "--family", "same"],
-                       env=env, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [tunewatch, "adapters", "add", str(adapter), "--family", "same"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         added, seen = time.monotonic(), None
         answered_at_add = load.answered
         print("candidate same-v1 added; the controller rolls it out")
         while time.monotonic() - added < args.timeout:
-            views = [v for v in rollout_control.rollouts(store) if v.candidate == "same-v1"]
+            views = [v for v in control.rollouts(store) if v.candidate == "same-v1"]
             if views:
                 where = (views[0].stage, views[0].weight)
                 if where != seen:
                     seen = where
-                    print(f"{time.monotonic() - added:7.1f} s  {where[0]:<11} {where[1]:4.0%}  "
-                          f"({load.answered} answered so far)")  # fmt: skip
+                    print(
+                        f"{time.monotonic() - added:7.1f} s  {where[0]:<11} {where[1]:4.0%}  "
+                        f"({load.answered} answered so far)"
+                    )
                 if views[0].stage in ("promoted", "rolled_back", "paused"):
                     break
             time.sleep(1)
         seconds = time.monotonic() - added
         answered = load.answered - answered_at_add
         load.stop.set()
-        final = next((v for v in rollout_control.rollouts(store) if v.candidate == "same-v1"), None)
-        print(f"rollout: {final.stage if final else 'never started'} after {seconds:.0f} s; "
-              f"{answered} requests answered meanwhile ({answered / seconds:.2f}/s), "
-              f"{load.failed} failed")  # fmt: skip
+        final = next((v for v in control.rollouts(store) if v.candidate == "same-v1"), None)
+        print(
+            f"rollout: {final.stage if final else 'never started'} after {seconds:.0f} s; "
+            f"{answered} requests answered meanwhile ({answered / seconds:.2f}/s), "
+            f"{load.failed} failed"
+        )
         if final:
             print(f"reason: {final.reason}")
     finally:

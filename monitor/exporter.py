@@ -29,13 +29,15 @@ QUALITY_EXACT_MATCH = Gauge(
     "tunewatch_quality_exact_match_ratio", "Share of answers equal to their reference.", ["adapter"]
 )
 QUALITY_BASELINE_BLEU = Gauge(
-    "tunewatch_quality_baseline_bleu", "Corpus BLEU of the adapter's first labelled window.",
+    "tunewatch_quality_baseline_bleu",
+    "Corpus BLEU of the adapter's first labelled window.",
     ["adapter"],
-)  # fmt: skip
+)
 QUALITY_BASELINE_CHRF = Gauge(
-    "tunewatch_quality_baseline_chrf", "Corpus chrF of the adapter's first labelled window.",
+    "tunewatch_quality_baseline_chrf",
+    "Corpus chrF of the adapter's first labelled window.",
     ["adapter"],
-)  # fmt: skip
+)
 QUALITY_BASELINE_EXACT_MATCH = Gauge(
     "tunewatch_quality_baseline_exact_match_ratio",
     "Exact-match share of the adapter's first labelled window.",
@@ -78,13 +80,15 @@ WINDOW_EXCHANGES = Gauge(
     ["adapter", "window"],
 )
 DRIFT_SCORE = Gauge(
-    "tunewatch_drift_score", "Drift score of one column (its method's own scale).",
+    "tunewatch_drift_score",
+    "Drift score of one column (its method's own scale).",
     ["adapter", "column", "method"],
-)  # fmt: skip
+)
 DRIFT_THRESHOLD = Gauge(
-    "tunewatch_drift_threshold", "Threshold the column's drift score is judged against.",
+    "tunewatch_drift_threshold",
+    "Threshold the column's drift score is judged against.",
     ["adapter", "column", "method"],
-)  # fmt: skip
+)
 DRIFT_DETECTED = Gauge(
     "tunewatch_drift_detected",
     "1 if the column drifted in the last check, else 0.",
@@ -97,9 +101,10 @@ DRIFT_DATASET = Gauge(
     "tunewatch_drift_dataset_detected", "1 if the dataset drift verdict is positive.", ["adapter"]
 )
 CHECK_OK = Gauge(
-    "tunewatch_monitor_check_ok", "1 if the check produced fresh figures, 0 if they are stale.",
+    "tunewatch_monitor_check_ok",
+    "1 if the check produced fresh figures, 0 if they are stale.",
     ["adapter", "check"],
-)  # fmt: skip
+)
 LAST_SUCCESS = Gauge(
     "tunewatch_monitor_last_success_timestamp_seconds", "When the check last succeeded.", ["check"]
 )
@@ -107,9 +112,10 @@ RUN_DURATION = Gauge(
     "tunewatch_monitor_run_duration_seconds", "How long the check's last run took.", ["check"]
 )
 CHECK_INTERVAL = Gauge(
-    "tunewatch_monitor_check_interval_seconds", "How often the check is scheduled to run.",
+    "tunewatch_monitor_check_interval_seconds",
+    "How often the check is scheduled to run.",
     ["check"],
-)  # fmt: skip
+)
 RUN_FAILURES = Counter(
     "tunewatch_monitor_run_failures_total", "Checks that raised an error.", ["check"]
 )
@@ -167,8 +173,11 @@ def publish_drift(adapter: str, result: DriftResult) -> None:
         labels = (adapter, str(column.column), column.method)
         set_or_remove(DRIFT_SCORE, labels, column.score)
         set_or_remove(DRIFT_THRESHOLD, labels, column.threshold if column.judged else None)
-        set_or_remove(DRIFT_DETECTED, (adapter, str(column.column)),
-             None if column.drifted is None else float(column.drifted))  # fmt: skip
+        set_or_remove(
+            DRIFT_DETECTED,
+            (adapter, str(column.column)),
+            None if column.drifted is None else float(column.drifted),
+        )
     set_or_remove(DRIFT_SHARE, (adapter,), result.drift_share)
     dataset = None if result.drifted is None else float(result.drifted)
     set_or_remove(DRIFT_DATASET, (adapter,), dataset)

@@ -16,7 +16,7 @@ from pathlib import Path
 from serving.engine import EngineClient
 from serving.exchange import ExchangeDraft, answer_whole
 from serving.protocol import ChatCompletionRequest
-from serving.store import Store
+from store import Store
 
 DEFAULT_GOLDEN_SET = Path(__file__).parent / "goldens" / "capitals.jsonl"
 
@@ -99,9 +99,11 @@ async def run_golden_set(
         outcomes = await asyncio.gather(*(ask(adapter, engine_model, e) for e in examples))
         run = GoldenRun(adapter or "base", answered=sum(outcomes), failed=outcomes.count(False))
         await asyncio.to_thread(
-            store.record_event, "golden.run",
+            store.record_event,
+            "golden.run",
             f"{run.answered} of {len(examples)} golden examples answered",
-            run.adapter, failed=run.failed,
-        )  # fmt: skip
+            run.adapter,
+            failed=run.failed,
+        )
         runs.append(run)
     return runs

@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from rouge_score import rouge_scorer, tokenizers
 from sacrebleu import sentence_chrf
 from sacrebleu.metrics import BLEU, CHRF
 
-from monitor.window import ExchangeView, Window
+from monitor.window import AnswerMetric, ExchangeView, Window
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +81,6 @@ def score_pairs(labelled: Sequence[ExchangeView]) -> tuple[PairScore, ...]:
             rouge = {t: scores[t].fmeasure for t in ROUGE_TYPES}
         pairs.append(PairScore(e.id, normalise(response) == normalise(reference), rouge))
     return tuple(pairs)
-
-
-AnswerMetric = Literal["exact_match", "chrf", "rouge_l"]
 
 
 def answer_score(response: str, reference: str, metric: AnswerMetric) -> float:

@@ -1,7 +1,7 @@
 """The monitor sidecar: reads the recorded traffic on a schedule and exports what it finds.
 
 It runs in its own process (`tunewatch monitor`, started by `tunewatch up`), so a crash or
-a slow drift check never touches serving. The daemon's scheduler (retrain/scheduler.py)
+a slow drift check never touches serving. The daemon's scheduler (controller/scheduler.py)
 runs each check on a worker thread, one instance at a time; a check that fails is logged
 and counted, its figures go stale (`tunewatch_monitor_check_ok` = 0), and the next run
 tries again.
@@ -25,8 +25,8 @@ from monitor.signals import signals
 from monitor.traffic import adapter_labels, baseline_window, read_window, with_goldens
 from monitor.window import Window
 from serving.engine import EngineClient
-from serving.routing import RoutingTable
-from serving.store import Store
+from store import Store
+from store.adapters import RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,12 @@ class Monitor:
         exporter.publish_calibration(
             adapter,
             calibration(
-                labelled, threshold=self.config.correct_rouge_l,
-                bins=self.config.calibration_bins, pairs=scores.pairs,
+                labelled,
+                threshold=self.config.correct_rouge_l,
+                bins=self.config.calibration_bins,
+                pairs=scores.pairs,
             ),
-        )  # fmt: skip
+        )
 
     def _baseline(self, adapter: str) -> Quality:
         """The quality of the adapter's first labelled window, scored again only while it fills."""
@@ -133,9 +135,13 @@ class Monitor:
             return
         self._verdicts[adapter] = result.drifted
         self.store.record_event(
-            "drift.verdict", reason, adapter,
-            drifted=result.drifted, share=result.drift_share, columns=columns,
-        )  # fmt: skip
+            "drift.verdict",
+            reason,
+            adapter,
+            drifted=result.drifted,
+            share=result.drift_share,
+            columns=columns,
+        )
 
     async def _check_drift_async(self) -> None:
         await asyncio.to_thread(self.check_drift)

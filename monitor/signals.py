@@ -55,8 +55,14 @@ def is_refusal(response: str) -> bool:
     return response.lstrip().casefold().replace("\u2019", "'").startswith(REFUSAL_OPENINGS)
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean(values: Sequence[float]) -> float | None:
+    """The mean; None for no values (a gap in a plot, "no data" in a table), never 0."""
     return float(np.mean(values)) if values else None
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
+    """The `qs` percentiles (numpy's linear interpolation); Nones for no values."""
+    return [float(v) for v in np.percentile(values, qs)] if values else [None] * len(qs)
 
 
 def signals(window: Window) -> Signals:
@@ -64,18 +70,18 @@ def signals(window: Window) -> Signals:
     answered = window.answered()
     responses = [e.response or "" for e in answered]  # answered: never None
     latencies = [e.latency_seconds for e in answered]
-    p50, p95 = np.percentile(latencies, [50, 95]) if latencies else (None, None)
+    p50, p95 = percentiles(latencies, (50, 95))
     return Signals(
         n=len(window),
         answered=len(answered),
         error_rate=sum(not e.ok for e in window.exchanges) / len(window) if len(window) else None,
-        mean_logprob=_mean([e.mean_logprob for e in answered if e.mean_logprob is not None]),
-        mean_response_tokens=_mean(
+        mean_logprob=mean([e.mean_logprob for e in answered if e.mean_logprob is not None]),
+        mean_response_tokens=mean(
             [e.completion_tokens for e in answered if e.completion_tokens is not None]
         ),
-        mean_response_chars=_mean([len(r) for r in responses]),
-        empty_rate=_mean([not r.strip() for r in responses]),
-        refusal_rate=_mean([is_refusal(r) for r in responses]),
-        latency_p50_seconds=None if p50 is None else float(p50),
-        latency_p95_seconds=None if p95 is None else float(p95),
+        mean_response_chars=mean([len(r) for r in responses]),
+        empty_rate=mean([not r.strip() for r in responses]),
+        refusal_rate=mean([is_refusal(r) for r in responses]),
+        latency_p50_seconds=p50,
+        latency_p95_seconds=p95,
     )

@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 
 from monitor.window import ExchangeView, Window
 from serving.exchange import BASE_LABEL
-from serving.store import Exchange, Feedback, Store
+from store import Store
+from store.exchanges import Exchange, Feedback
 
 # Live traffic: what users sent. Golden runs are judged apart; shadow replays are live
 # prompts answered by another adapter, so they count for that adapter.
@@ -126,8 +127,9 @@ def count_labelled(store: Store, *, since: datetime | None = None) -> int:
         return session.scalar(query) or 0
 
 
-def adapter_labels(store: Store, base_adapter: str) -> list[str]:
-    """The adapters to judge, a bounded set: the base model and every registered adapter."""
+def adapter_labels(store: Store, base_adapter: str | None) -> list[str]:
+    """The adapters to judge, a bounded set: the base model and every registered adapter
+    (`base_adapter`: the identity adapter's name, the base model's under another label)."""
     registered = [a.name for a in store.adapters() if a.name != base_adapter]
     return [BASE_LABEL, *registered]
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
+
+AnswerMetric = Literal["exact_match", "chrf", "rouge_l"]  # a score of one answer, in [0, 1]
 
 
 @dataclass(frozen=True)

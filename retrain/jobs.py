@@ -41,16 +41,17 @@ from transformers import AutoTokenizer
 
 from monitor.goldens import load_golden_set
 from monitor.traffic import labelled_exchanges
+from registry.versions import family_of, register
 from retrain import metrics
 from retrain.data import TrainingDataError, build_training_set, write_training_set
-from retrain.registry import family_of, register
-from retrain.trainer import TrainingConfig, TrainingSpec, result_path
-from serving.store import Store, TrainingJob
+from retrain.training.spec import TrainingConfig, TrainingSpec, result_path
+from store import Store
+from store.jobs import TrainingJob
 
 log = logging.getLogger(__name__)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-ACTIVE = ("queued", "running")
+UNFINISHED = ("queued", "running")
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,16 @@ class JobView:
     @classmethod
     def of(cls, row: TrainingJob) -> JobView:
         return cls(
-            row.id, row.status, row.reason, row.created_at, row.parent_adapter, row.adapter,
-            dict(row.progress or {}), row.error, row.pid,
-        )  # fmt: skip
+            row.id,
+            row.status,
+            row.reason,
+            row.created_at,
+            row.parent_adapter,
+            row.adapter,
+            dict(row.progress or {}),
+            row.error,
+            row.pid,
+        )
 
 
 def job_dir(config: RetrainConfig, job_id: int) -> Path:
@@ -152,7 +160,7 @@ def active_job(store: Store) -> JobView | None:
     with store.session() as session:
         row = session.scalars(
             select(TrainingJob)
-            .where(TrainingJob.status.in_(ACTIVE))
+            .where(TrainingJob.status.in_(UNFINISHED))
             .order_by(TrainingJob.status.desc(), TrainingJob.id)  # running before queued
             .limit(1)
         ).first()
@@ -176,16 +184,23 @@ def prepare(store: Store, job_id: int, config: RetrainConfig) -> TrainingSpec:
         raise TrainingDataError("no labelled exchanges to train on (post feedback references)")
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     training_set = build_training_set(
-        exchanges, goldens, tokenizer, max_length=config.training.max_length,
+        exchanges,
+        goldens,
+        tokenizer,
+        max_length=config.training.max_length,
         validation_fraction=config.validation_fraction,
-    )  # fmt: skip
+    )
     train_file, validation_file = write_training_set(training_set, directory / "data")
     parent_dir = _parent_dir(store, job.parent_adapter) if config.start_from == "serving" else None
     spec = TrainingSpec(
-        model_dir=config.model_dir, parent_adapter=parent_dir, train_file=train_file,
-        validation_file=validation_file, output_dir=directory / "adapter", config=config.training,
+        model_dir=config.model_dir,
+        parent_adapter=parent_dir,
+        train_file=train_file,
+        validation_file=validation_file,
+        output_dir=directory / "adapter",
+        config=config.training,
         hpo_trials=config.hpo_trials,
-    )  # fmt: skip
+    )
     used = {e.id: e for e in exchanges}
     lineage = training_set.lineage
     window = sorted(used[i].created_at for i in lineage.exchange_ids)
@@ -230,9 +245,12 @@ def spawn(
         assert row is not None
         row.pid = process.pid
     store.record_event(
-        "retrain.started", f"trainer started (pid {process.pid})", f"job-{job_id}",
-        command=command, directory=str(directory),
-    )  # fmt: skip
+        "retrain.started",
+        f"trainer started (pid {process.pid})",
+        f"job-{job_id}",
+        command=command,
+        directory=str(directory),
+    )
     metrics.TRAINING_RUNNING.set(1)
     return process
 
@@ -287,20 +305,36 @@ def _register(store: Store, job_id: int, config: RetrainConfig, result: dict[str
         "val_loss": result.get("best_val_loss"),
     }
     version = register(
-        store, family, Path(result["adapter_dir"]), parent=job.parent_adapter, job_id=job_id,
+        store,
+        family,
+        Path(result["adapter_dir"]),
+        parent=job.parent_adapter,
+        job_id=job_id,
         hyperparameters=result["config"],
         metrics={k: v for k, v in figures.items() if isinstance(v, int | float)},
         data={**job.progress, **lineage, "lineage_file": str(lineage_file)},
         reason=f"trained by job {job_id}: {job.reason}",
-    )  # fmt: skip
+    )
     summary = {k: result.get(k) for k in ("train_examples", "steps", "train_seconds")}
     reason = f"adapter {version.name} registered as a candidate"
     _transition(
-        store, job_id, "running", "succeeded", finished_at=datetime.now(UTC),
-        adapter=version.name, result={**summary, "metrics": version.metrics}, pid=None,
-    )  # fmt: skip
-    store.record_event("retrain.succeeded", reason, f"job-{job_id}", adapter=version.name,
-                       **summary, metrics=version.metrics)  # fmt: skip
+        store,
+        job_id,
+        "running",
+        "succeeded",
+        finished_at=datetime.now(UTC),
+        adapter=version.name,
+        result={**summary, "metrics": version.metrics},
+        pid=None,
+    )
+    store.record_event(
+        "retrain.succeeded",
+        reason,
+        f"job-{job_id}",
+        adapter=version.name,
+        **summary,
+        metrics=version.metrics,
+    )
     metrics.TRAINING_JOBS.labels("succeeded").inc()
     log.info(reason, extra={"job": job_id, "adapter": version.name})
 

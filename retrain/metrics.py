@@ -1,32 +1,16 @@
-"""The controller's Prometheus metrics (scheduler, trigger, training jobs), declared once.
+"""The retrain trigger's and the training jobs' Prometheus metrics, declared once.
 
 They are exported on the monitor sidecar's /metrics, the process that runs the scheduler.
-Labels stay bounded: `scheduler_job` names one of the scheduler's fixed jobs (not `job`,
-which Prometheus gives every scraped series), `action` one of the
-trigger's three actions, `outcome` a job's or rollout's end state, `adapter` a registered
-adapter, `stage`, `guard` and `side` come from fixed lists.
+Labels stay bounded: `action` is one of the trigger's three actions, `outcome` a job's end
+state.
 """
 
-from typing import Any, get_args
+from typing import get_args
 
 from prometheus_client import Counter, Gauge
 
-from monitor.exporter import set_or_remove
 from retrain.policy import Action
 
-LEADER = Gauge(
-    "tunewatch_scheduler_leader",
-    "1 while this daemon holds the scheduler lease and runs the scheduled jobs, else 0.",
-)
-JOB_RUNS = Counter(
-    "tunewatch_scheduler_job_runs_total", "Scheduled job runs, by job and outcome.",
-    ["scheduler_job", "outcome"],
-)  # fmt: skip
-JOB_DURATION = Gauge(
-    "tunewatch_scheduler_job_duration_seconds",
-    "How long the job's last run took.",
-    ["scheduler_job"],
-)
 TRIGGER_DECISIONS = Counter(
     "tunewatch_retrain_trigger_decisions_total",
     "Evaluations of the retrain trigger, by the action decided (none, retrain, cancel_pending).",
@@ -42,71 +26,8 @@ TRAINING_PROGRESS = Gauge(
     "tunewatch_training_job_progress_ratio", "Steps done / total steps of the running job."
 )
 
-REGISTRY_ADAPTERS = Gauge(
-    "tunewatch_registry_adapters", "Registered adapter versions, by status.", ["status"]
-)
-
-STAGES = ("shadow", "canary", "paused", "promoted", "rolled_back")
-ROLLOUT_STAGE = Gauge(
-    "tunewatch_rollout_stage",
-    "1 for the stage the candidate's rollout is in, 0 for the others (one-hot).",
-    ["adapter", "stage"],
-)
-CANARY_WEIGHT = Gauge(
-    "tunewatch_canary_weight_ratio", "Share of users the candidate answers.", ["adapter"]
-)
-GUARD_PASSED = Gauge(
-    "tunewatch_rollout_guard_passed",
-    "1 if the guard passed at the last look, 0 if it failed; absent while inconclusive.",
-    ["adapter", "guard"],
-)
-ROLLOUT_ENDS = Counter(
-    "tunewatch_rollouts_total", "Rollouts that ended, by outcome (promoted, rolled_back).",
-    ["outcome"],
-)  # fmt: skip
-SHADOW_AGREEMENT = Gauge(
-    "tunewatch_shadow_agreement_ratio",
-    "Mean chrF/100 between the candidate's shadow answers and the primary's.",
-    ["adapter"],
-)
-ROLLOUT_QUALITY = Gauge(
-    "tunewatch_rollout_quality_ratio",
-    "Mean paired quality score (0-1) of each side over the rollout.",
-    ["adapter", "side"],
-)
-ROLLOUT_LATENCY_P95 = Gauge(
-    "tunewatch_rollout_latency_p95_seconds",
-    "95th-percentile latency of each side over the rollout.",
-    ["adapter", "side"],
-)
-
-
 # Each known label value starts at 0: the first event is then an increase Prometheus sees.
 for _action in get_args(Action):
     TRIGGER_DECISIONS.labels(_action)
 for _outcome in ("succeeded", "failed", "cancelled"):
     TRAINING_JOBS.labels(_outcome)
-for _outcome in ("promoted", "rolled_back"):
-    ROLLOUT_ENDS.labels(_outcome)
-
-
-def publish_registry(counts: dict[str, int]) -> None:
-    for status, count in counts.items():
-        REGISTRY_ADAPTERS.labels(status).set(count)
-
-
-def publish_rollout(adapter: str, stage: str, weight: float) -> None:
-    for each in STAGES:
-        ROLLOUT_STAGE.labels(adapter, each).set(int(each == stage))
-    CANARY_WEIGHT.labels(adapter).set(weight)
-
-
-def publish_look(adapter: str, judgement: Any, figures: dict[str, Any]) -> None:
-    """A look's figures: the guards' verdicts and the comparison behind them."""
-    for result in judgement.results:
-        verdict = {"pass": 1.0, "fail": 0.0}.get(result.verdict)
-        set_or_remove(GUARD_PASSED, (adapter, result.guard.split(" ")[0]), verdict)
-    set_or_remove(SHADOW_AGREEMENT, (adapter,), figures.get("agreement"))
-    for side in ("candidate", "primary"):
-        set_or_remove(ROLLOUT_QUALITY, (adapter, side), figures.get(f"quality_{side}"))
-        set_or_remove(ROLLOUT_LATENCY_P95, (adapter, side), figures.get(f"latency_p95_{side}"))

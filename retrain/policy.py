@@ -1,8 +1,8 @@
 """The retraining trigger: when the evidence and the gates say so, decide to retrain.
 
-`decide(config, state, observation) -> Decision` is pure: no store, no clock, no I/O. The
-caller (the scheduler's trigger job) reads the monitor's latest figures into an
-`Observation`, calls `decide`, records the decision as an event with its `reason` and
+`decide_retrain(config, state, observation) -> TriggerDecision` is pure: no store, no clock,
+no I/O. The caller (the scheduler's trigger job) reads the monitor's latest figures into an
+`Observation`, calls `decide_retrain`, records the decision as an event with its `reason` and
 `figures` (the audit trail: every evaluation, fired or not), persists `decision.state`
 (`to_dict`, JSON) and acts on `decision.action`. Persisting the state is what makes the
 cooldown, the daily budget and the counters survive a restart.
@@ -53,7 +53,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 Action = Literal["none", "retrain", "cancel_pending"]
-JobStatus = Literal["none", "queued", "running"]
+PendingJob = Literal["none", "queued", "running"]
 Signal = Literal["drift", "quality"]
 
 
@@ -102,7 +102,7 @@ class Observation:
     quality_baseline: float | None = None  # the serving adapter's score on the same figure
     new_labelled: int = 0  # labelled examples recorded since the last retrain
     rollout_in_progress: bool = False
-    retrain_job: JobStatus = "none"  # the retrain job the store holds, if any
+    retrain_job: PendingJob = "none"  # the retrain job the store holds, if any
 
     def __post_init__(self) -> None:
         _aware(self.now, "now")
@@ -180,7 +180,7 @@ class TriggerState:
 
 
 @dataclass(frozen=True)
-class Decision:
+class TriggerDecision:
     """The outcome of one evaluation: the next state, what to do, and why."""
 
     state: TriggerState
@@ -270,7 +270,7 @@ def _read_quality(config: TriggerConfig, state: TriggerState, obs: Observation) 
     return _Reading(True, False, 0, f"{figure}: {drop:.0%} drop < {config.quality_drop:.0%}")
 
 
-def decide(config: TriggerConfig, state: TriggerState, obs: Observation) -> Decision:
+def decide_retrain(config: TriggerConfig, state: TriggerState, obs: Observation) -> TriggerDecision:
     """Judge one check: retrain, cancel the pending retrain, or do nothing, and say why."""
     k = config.consecutive_checks
     drift = _read_drift(config, state, obs)
@@ -342,9 +342,9 @@ def decide(config: TriggerConfig, state: TriggerState, obs: Observation) -> Deci
         "trigger": None,
     }
 
-    def decision(action: Action, reason: str, state: TriggerState = new_state) -> Decision:
+    def decision(action: Action, reason: str, state: TriggerState = new_state) -> TriggerDecision:
         pending_since = _iso(state.pending.decided_at) if state.pending else None
-        return Decision(
+        return TriggerDecision(
             state, action, reason, {**figures, "action": action, "pending_since": pending_since}
         )
 

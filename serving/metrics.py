@@ -8,7 +8,7 @@ is an HTTP status code.
 from prometheus_client import Counter, Gauge, Histogram
 
 from serving.exchange import BASE_LABEL
-from serving.routing import RoutingTable
+from store.adapters import RoutingTable
 
 # Seconds: a 135M model on CPU answers in 0.1-30 s, a large one on a GPU in 0.05-120 s.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)

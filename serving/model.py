@@ -46,20 +46,31 @@ def is_hf_model_dir(path: Path) -> bool:
     )
 
 
+def model_dir_of(cache_dir: Path, source: str | None = None) -> Path:
+    """Where the model directory is: `source`, or the converted default (converted or not)."""
+    if source is not None:
+        return Path(source).expanduser().resolve()
+    return cache_dir / "models" / DEFAULT_MODEL_NAME
+
+
 def prepare_model(cache_dir: Path, source: str | None = None) -> Path:
     """A Hugging Face model directory: `source` itself if it is one, else the converted default."""
+    target = model_dir_of(cache_dir, source)
     if source is not None:
-        path = Path(source).expanduser()
-        if not is_hf_model_dir(path):
+        if not is_hf_model_dir(target):
             raise ModelNotFoundError(
                 f"model {source!r} is not a Hugging Face model directory (config.json + weights)"
             )
-        return path.resolve()
-    target = cache_dir / "models" / DEFAULT_MODEL_NAME
-    if (target / _DONE_MARKER).is_file():
+        return target
+    if is_prepared(target):
         return target
     _convert_gguf(shipped_gguf(), target)
     return target
+
+
+def is_prepared(directory: Path) -> bool:
+    """A model converted, or an identity adapter created, to the end."""
+    return (directory / _DONE_MARKER).is_file()
 
 
 def _convert_gguf(gguf_file: Path, target: Path) -> None:
@@ -86,7 +97,7 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
 
 def ensure_identity_adapter(model_dir: Path, target: Path, rank: int = 8) -> Path:
     """A LoRA adapter for `model_dir` that changes nothing (B = 0), created once."""
-    if (target / _DONE_MARKER).is_file():
+    if is_prepared(target):
         return target
     import torch
     from peft import LoraConfig, get_peft_model

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from serving import metrics
-from serving.store import Store
+from store import Store
 
 log = logging.getLogger(__name__)
 

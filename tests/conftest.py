@@ -1,6 +1,6 @@
 """Shared fixtures: the store's databases, SQLite and a real, throwaway PostgreSQL.
 
-The store has one code path for both databases (DESIGN.md), so its tests run on both:
+The store has one code path for both databases (docs/design.md), so its tests run on both:
 `store_url` gives each test a fresh, empty database of either kind. PostgreSQL is a
 private cluster that lives for one test session: started from Debian's binaries on a
 free local port, with trust authentication (nothing outside this machine can reach it),

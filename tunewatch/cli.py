@@ -10,23 +10,55 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from monitor.goldens import GoldenSetError
-from retrain.registry import RegistryError, register, versions
+from registry.versions import RegistryError, register, versions
+from rollout.machine import RolloutRefusal
+from rollout.repository import UnknownRolloutError
 from serving.engine import InvalidAdapterError
 from serving.model import ModelNotFoundError
-from serving.routing import RoutingTable
-from serving.store import SchemaMismatchError, Store
 from serving.supervisor import ProcessStartError
+from store import Store
+from store.adapters import RoutingTable
+from store.base import SchemaMismatchError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
-from tunewatch.status import status_table
+
+# What a command could not do, as people read it: (the message's label, the exit code); 2: fix
+# the command or the settings, 1: it cannot be done now. The one place domain errors are met.
+FAILURES: dict[type[Exception], tuple[str, int]] = {
+    SettingsError: ("error", 2),
+    SchemaMismatchError: ("error", 2),
+    ModelNotFoundError: ("error", 2),
+    InvalidAdapterError: ("error", 2),
+    RegistryError: ("error", 2),
+    UnknownRolloutError: ("error", 2),
+    ProcessStartError: ("error", 1),
+    GoldenSetError: ("error", 1),
+    RolloutRefusal: ("refused", 1),
+}
+
+
+class _Commands(TyperGroup):
+    """Runs a command; a domain error it raises ends it with one line and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except tuple(FAILURES) as exc:
+            label, code = next(v for kind, v in FAILURES.items() if isinstance(exc, kind))
+            console.print(f"[red]{label}:[/red] {exc}")
+            raise typer.Exit(code) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Serve, watch and keep improving a fine-tuned LLM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -52,31 +84,15 @@ ConfigOption = Annotated[
 ]
 
 
-def _store(settings: Settings) -> Store:
-    try:
-        return Store(settings.store_url)
-    except SchemaMismatchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
 def _settings(config: Path | None) -> Settings:
-    try:
-        settings = load_settings(config)
-    except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    settings = load_settings(config)
     stack.configure_logging(settings.log_level)
     return settings
 
 
 def _prepare(settings: Settings) -> tuple[Path, Path]:
-    try:
-        with console.status("Preparing the model (first run converts the GGUF file, ~1 min)..."):
-            return stack.prepare(settings)
-    except ModelNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    with console.status("Preparing the model (first run converts the GGUF file, ~1 min)..."):
+        return stack.prepare(settings)
 
 
 @model_app.command("prepare")
@@ -99,11 +115,7 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        asyncio.run(_until_signalled(main))
-    except (ProcessStartError, SchemaMismatchError, GoldenSetError, SettingsError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    asyncio.run(_until_signalled(main))
 
 
 def _engine_url(settings: Settings, given: str | None) -> str:
@@ -154,13 +166,14 @@ def monitor(engine_url: EngineUrlOption = None, config: ConfigOption = None) -> 
 @app.command()
 def status(config: ConfigOption = None) -> None:
     """Show each adapter's traffic, quality, calibration and last drift verdict."""
+    from tunewatch.status import status_table  # the monitor's scorers: not in the gateway's process
+
     settings = _settings(config)
-    _, identity_dir = _prepare(settings)
-    store = _store(settings)
+    options = settings.monitor
+    base = stack.prepared_identity_name(settings)
     table = status_table(
-        store, stack.identity_adapter_name(identity_dir), settings.monitor.window_size,
-        settings.monitor.correct_rouge_l,
-    )  # fmt: skip
+        Store(settings.store_url), base, options.window_size, options.correct_rouge_l
+    )
     Console().print(table)
 
 
@@ -173,13 +186,16 @@ def adapters(ctx: typer.Context, config: ConfigOption = None) -> None:
     table = Table(title="adapters")
     for column in ("name", "status", "loaded", "parent", "job", "created", "metrics"):
         table.add_column(column)
-    for version in versions(_store(settings)):
+    for version in versions(Store(settings.store_url)):
         table.add_row(
-            version.name, version.status, "yes" if version.loaded else "no",
-            version.parent or "-", str(version.job_id or "-"),
+            version.name,
+            version.status,
+            "yes" if version.loaded else "no",
+            version.parent or "-",
+            str(version.job_id or "-"),
             version.created_at.strftime("%Y-%m-%d %H:%M"),
             ", ".join(f"{k}={v:.3g}" for k, v in version.metrics.items()) or "-",
-        )  # fmt: skip
+        )
     Console().print(table)
 
 
@@ -191,27 +207,18 @@ def adapters_add(
 ) -> None:
     """Register an adapter trained elsewhere as a candidate (the rollout picks it up)."""
     settings = _settings(config)
-    try:
-        version = register(_store(settings), family, path, reason="added by hand")
-    except (InvalidAdapterError, RegistryError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    version = register(Store(settings.store_url), family, path, reason="added by hand")
     console.print(f"{version.name}: registered as a candidate ({version.path})")
 
 
 def _rollout_request(config: Path | None, command: str, adapter: str | None = None) -> None:
     """One code path with the admin API: check, queue, and follow to the outcome."""
-    from retrain import rollout_control
-    from retrain.rollout import RolloutRefusal
+    from rollout import control
 
-    store = _store(_settings(config))
-    try:
-        queued = rollout_control.request(store, command, adapter=adapter, by="cli")
-    except RolloutRefusal as exc:
-        console.print(f"[red]refused:[/red] {exc}")
-        raise typer.Exit(1) from None
+    store = Store(_settings(config).store_url)
+    queued = control.request(store, command, adapter=adapter, by="cli")
     with console.status(f"{command}: waiting for the controller (tunewatch monitor)..."):
-        outcome = rollout_control.wait(store, queued.id, timeout_s=60)
+        outcome = control.wait(store, queued.id, timeout_s=60)
     if outcome.status == "pending":
         console.print(
             f"{command} is queued (command {outcome.id}); the controller carries it out on its "
@@ -227,19 +234,24 @@ def _rollout_request(config: Path | None, command: str, adapter: str | None = No
 @rollout_app.command("status")
 def rollout_status(config: ConfigOption = None) -> None:
     """The rollout in progress (stage, weight, what it waits for, the guards) and past ones."""
-    from retrain import rollout_control
+    from rollout import control
 
-    store = _store(_settings(config))
+    store = Store(_settings(config).store_url)
     table = Table(title="rollouts")
     for column in ("id", "candidate", "against", "stage", "weight", "started", "latest"):
         table.add_column(column, overflow="fold")
-    for view in rollout_control.rollouts(store):
+    for view in control.rollouts(store):
         table.add_row(
-            str(view.id), view.candidate, view.baseline or "base", view.stage,
-            f"{view.weight:.0%}", view.created_at.strftime("%Y-%m-%d %H:%M:%S"), view.reason,
-        )  # fmt: skip
+            str(view.id),
+            view.candidate,
+            view.baseline or "base",
+            view.stage,
+            f"{view.weight:.0%}",
+            view.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            view.reason,
+        )
     Console().print(table)
-    active = rollout_control.active_rollout(store)
+    active = control.active_rollout(store)
     guards = (active.look.get("guards") or {}) if active else {}
     for name, result in guards.items():
         console.print(f"  {name}: {result['verdict']}: {result['reason']}")
@@ -287,14 +299,11 @@ def rollout_report(
     config: ConfigOption = None,
 ) -> None:
     """A rollout as a table here and as an HTML page with plots, every decision marked."""
-    from retrain.report import UnknownRolloutError, build_report, render_html, render_table
+    from rollout.report.build import build_report
+    from rollout.report.html import render_html
+    from rollout.report.table import render_table
 
-    store = _store(_settings(config))
-    try:
-        report = build_report(store, rollout_id)
-    except UnknownRolloutError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    report = build_report(Store(_settings(config).store_url), rollout_id)
     Console().print(render_table(report))
     written = render_html(report, html or Path(f"rollout-{rollout_id}.html"))
     console.print(f"HTML report: {written}")
@@ -315,7 +324,7 @@ def retrain(
             help="Train on the golden set too.",
             show_default="retrain.use_goldens",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Train a LoRA adapter now, in the foreground, and register it as a candidate."""
@@ -327,16 +336,12 @@ def retrain(
     from retrain import jobs  # torch and transformers: only for the commands using them
     from tunewatch.retraining import retrain_config
 
-    try:
-        retraining = retrain_config(settings, model_dir)
-    except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    retraining = retrain_config(settings, model_dir)
     if goldens is not None:
         retraining = replace(retraining, use_goldens=goldens)
     if base:
         retraining = replace(retraining, start_from="base")
-    store = _store(settings)
+    store = Store(settings.store_url)
     active = jobs.active_job(store)
     if active is not None:
         console.print(
@@ -369,11 +374,13 @@ def events(
     table = Table(title="events")
     for column in ("time", "kind", "subject", "reason"):
         table.add_column(column, overflow="fold")
-    for event in _store(settings).events(kind_prefix=kind, limit=limit):
+    for event in Store(settings.store_url).events(kind_prefix=kind, limit=limit):
         table.add_row(
-            event.created_at.strftime("%Y-%m-%d %H:%M:%S"), event.kind, event.subject or "-",
+            event.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            event.kind,
+            event.subject or "-",
             event.reason,
-        )  # fmt: skip
+        )
     Console().print(table)
 
 
@@ -395,7 +402,9 @@ def drift_calibrate(
     from tunewatch import monitoring
 
     options = settings.monitor
-    reference = read_window(_store(settings), adapter, options.reference_size, newest=False)
+    reference = read_window(
+        Store(settings.store_url), adapter, options.reference_size, newest=False
+    )
     if len(reference) < 2 * options.window_size:
         console.print(
             f"[red]error:[/red] adapter {adapter!r} has {len(reference)} exchanges; calibration "
@@ -403,18 +412,18 @@ def drift_calibrate(
             f"{2 * options.window_size}"
         )
         raise typer.Exit(2)
-    try:
-        drift = monitoring.drift_config(settings)
-    except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    drift = monitoring.drift_config(settings)
     embedder = PromptEmbedder(threads=options.embedding_threads)
     try:
         with console.status(f"{runs} A/A splits of {len(reference)} exchanges..."):
             result = calibrate(
-                reference, embedder.embed_exchanges, drift, current_size=options.window_size,
-                target_false_alarm=target, runs=runs,
-            )  # fmt: skip
+                reference,
+                embedder.embed_exchanges,
+                drift,
+                current_size=options.window_size,
+                target_false_alarm=target,
+                runs=runs,
+            )
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -423,9 +432,12 @@ def drift_calibrate(
         table.add_column(column)
     for column in result.columns:
         table.add_row(
-            str(column.column), column.method, f"{column.configured_threshold:.4g}",
-            f"{column.false_alarm_rate:.1%}", f"{column.proposed_threshold:.4g}",
-        )  # fmt: skip
+            str(column.column),
+            column.method,
+            f"{column.configured_threshold:.4g}",
+            f"{column.false_alarm_rate:.1%}",
+            f"{column.proposed_threshold:.4g}",
+        )
     Console().print(table)
     console.print(
         f"dataset verdict false alarms: {result.dataset_false_alarm_rate:.1%} now, "

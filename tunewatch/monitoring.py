@@ -14,16 +14,16 @@ import logging
 
 from prometheus_client import start_http_server
 
+from controller.scheduler import PeriodicJob, Scheduler
 from monitor.drift import Column, DriftConfig
 from monitor.embeddings import PromptEmbedder
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from monitor.sidecar import Monitor, MonitorConfig
 from retrain.jobs import TrainingRunner
-from retrain.rollout_runner import RolloutRunner
-from retrain.scheduler import PeriodicJob, Scheduler
 from retrain.trigger import Trigger
+from rollout.runner import RolloutRunner
 from serving.engine import EngineClient
-from serving.store import Store
+from store import Store
 from tunewatch.retraining import quality_signal, retrain_config, runner_config, trigger_config
 from tunewatch.settings import Settings, SettingsError
 from tunewatch.stack import identity_adapter_name, prepare
@@ -76,16 +76,19 @@ async def monitor(settings: Settings, engine_url: str) -> None:
         runner = TrainingRunner(store, retrain_config(settings, model_dir))
         jobs += [
             PeriodicJob(
-                "trigger", lambda: asyncio.to_thread(trigger.evaluate),
+                "trigger",
+                lambda: asyncio.to_thread(trigger.evaluate),
                 settings.retrain.trigger_interval_s,
             ),
             PeriodicJob("training", runner.tick, settings.retrain.training_interval_s),
-        ]  # fmt: skip
+        ]
     if settings.rollout.enabled:
         rollouts = RolloutRunner(
-            store, engine, runner_config(settings),
+            store,
+            engine,
+            runner_config(settings),
             golden=sidecar.run_goldens if config.golden_set is not None else None,
-        )  # fmt: skip
+        )
         jobs.append(PeriodicJob("rollout", rollouts.tick, settings.rollout.interval_s))
     start_http_server(options.port, addr=options.host)
     log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})

@@ -15,13 +15,13 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from monitor.goldens import DEFAULT_GOLDEN_SET
-from retrain.guards import GuardConfig
 from retrain.jobs import RetrainConfig
 from retrain.policy import TriggerConfig
-from retrain.rollout import RolloutConfig
-from retrain.rollout_runner import RunnerConfig
-from retrain.trainer import TrainingConfig
+from retrain.training.spec import TrainingConfig
 from retrain.trigger import QualitySignal
+from rollout.guards.types import GuardConfig
+from rollout.machine import RolloutConfig
+from rollout.runner import RunnerConfig
 from tunewatch.settings import Settings, SettingsError
 
 
@@ -69,17 +69,24 @@ def runner_config(settings: Settings) -> RunnerConfig:
     options = settings.rollout
     try:
         guards = GuardConfig(
-            alpha=options.alpha, quality_margin=options.quality_margin,
-            latency_max_ratio=options.latency_max_ratio, error_margin=options.error_margin,
-            min_samples=options.min_samples, planned_samples=options.planned_samples,
-            quality_metric=options.metric.replace("_", " "), guards=tuple(options.guards),
-        )  # fmt: skip
+            alpha=options.alpha,
+            quality_margin=options.quality_margin,
+            latency_max_ratio=options.latency_max_ratio,
+            error_margin=options.error_margin,
+            min_samples=options.min_samples,
+            planned_samples=options.planned_samples,
+            guards=tuple(options.guards),
+        )
         rollout = RolloutConfig(
-            steps=tuple(options.steps), shadow_fraction=options.shadow_fraction,
-            shadow_min_pairs=options.shadow_min_pairs, step_min_samples=options.step_min_samples,
-            stage_min_s=options.stage_min_s, stage_deadline_s=options.stage_deadline_s,
-            require_pass=options.require_pass, guards=guards,
-        )  # fmt: skip
+            steps=tuple(options.steps),
+            shadow_fraction=options.shadow_fraction,
+            shadow_min_pairs=options.shadow_min_pairs,
+            step_min_samples=options.step_min_samples,
+            stage_min_s=options.stage_min_s,
+            stage_deadline_s=options.stage_deadline_s,
+            require_pass=options.require_pass,
+            guards=guards,
+        )
     except ValueError as exc:
         raise SettingsError(f"rollout: {exc}") from None
     return RunnerConfig(rollout, options.metric, options.auto_start, options.drain_s)

@@ -95,9 +95,11 @@ class RetrainSettings(_Section):
     enter_share: float = Field(default=0.25, ge=0, le=1)
     exit_share: float = Field(default=0.125, ge=0, le=1)
     quality_drop: float | None = Field(
-        default=None, gt=0, le=1,
+        default=None,
+        gt=0,
+        le=1,
         description="Also retrain when quality falls this far (relative) below its baseline.",
-    )  # fmt: skip
+    )
     quality_metric: Literal["chrf", "exact_match", "rouge_l"] = "chrf"
     family: str | None = Field(
         default=None,
@@ -115,7 +117,8 @@ class RetrainSettings(_Section):
         default=0, ge=0, description="Optuna trials judged at 20% of the budget; 0: no search."
     )
     training: dict[str, Any] = Field(
-        default_factory=dict, description="retrain.trainer.TrainingConfig fields: rank, epochs..."
+        default_factory=dict,
+        description="retrain.training.spec.TrainingConfig fields: rank, epochs...",
     )
     launcher: list[str] = Field(
         default_factory=list, description="e.g. [torchrun, --nproc_per_node, '2']; unset: python"
@@ -123,7 +126,7 @@ class RetrainSettings(_Section):
 
 
 class RolloutSettings(_Section):
-    """Shadow, canary steps and guards (retrain/rollout.py, retrain/guards.py)."""
+    """Shadow, canary steps and guards (rollout/machine.py, rollout/guards.py)."""
 
     enabled: bool = Field(default=True, description="Run the rollout job.")
     auto_start: bool = Field(default=True, description="Roll out every new candidate.")

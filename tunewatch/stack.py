@@ -21,13 +21,14 @@ import httpx
 import uvicorn
 from pythonjsonlogger.json import JsonFormatter
 
-from retrain.rollout_api import rollout_router
+from rollout.api import rollout_router
 from serving.adapters import AdapterSet
+from serving.app import create_app
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
-from serving.gateway import Gateway, GatewayConfig, create_app
-from serving.model import ensure_identity_adapter, prepare_model
-from serving.store import Store
+from serving.gateway import Gateway, GatewayConfig
+from serving.model import ensure_identity_adapter, is_prepared, model_dir_of, prepare_model
 from serving.supervisor import ProcessStartError, SupervisedProcess
+from store import Store
 from tunewatch import prometheus
 from tunewatch.settings import Settings
 
@@ -61,10 +62,18 @@ def admin_token(settings: Settings) -> str:
 def prepare(settings: Settings) -> tuple[Path, Path]:
     """The model directory and its identity adapter, converted and created on first use."""
     model_dir = prepare_model(settings.cache_dir, settings.engine.model)
-    identity = ensure_identity_adapter(
-        model_dir, settings.cache_dir / "adapters" / f"{model_dir.name}-identity"
-    )
-    return model_dir, identity
+    return model_dir, ensure_identity_adapter(model_dir, _identity_dir(settings, model_dir))
+
+
+def prepared_identity_name(settings: Settings) -> str | None:
+    """The identity adapter's name if `prepare` has made it, else None: for the read-only
+    commands, which never convert the model."""
+    identity = _identity_dir(settings, model_dir_of(settings.cache_dir, settings.engine.model))
+    return identity_adapter_name(identity) if is_prepared(identity) else None
+
+
+def _identity_dir(settings: Settings, model_dir: Path) -> Path:
+    return settings.cache_dir / "adapters" / f"{model_dir.name}-identity"
 
 
 def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Gateway:
@@ -113,9 +122,11 @@ async def _serve_http(
     )
     log.info(
         "gateway listening",
-        extra={"url": f"http://{settings.gateway.host}:{settings.gateway.port}/v1",
-               "model": settings.engine.served_model_name},
-    )  # fmt: skip
+        extra={
+            "url": f"http://{settings.gateway.host}:{settings.gateway.port}/v1",
+            "model": settings.engine.served_model_name,
+        },
+    )
     await server.serve()
 
 
@@ -165,20 +176,26 @@ async def up(settings: Settings, config_file: Path | None) -> None:
 
     launch = engine_launch(settings, model_dir)
     engine = SupervisedProcess(
-        "engine", launch.command(), launch.environment(), settings.state_dir / "engine.log",
+        "engine",
+        launch.command(),
+        launch.environment(),
+        settings.state_dir / "engine.log",
         healthy=gateway.engine.healthy,
         on_restart=recorder("engine.restarted", gateway.adapters.reconcile),
         startup_timeout_s=settings.engine.startup_timeout_s,
-    )  # fmt: skip
+    )
     tunewatch = str(Path(sys.executable).parent / "tunewatch")
     config_args = ["--config", str(config_file)] if config_file else []
     monitor_url = f"http://{settings.monitor.host}:{settings.monitor.port}/metrics"
     monitor_process = SupervisedProcess(
-        "monitor", [tunewatch, "monitor", "--engine-url", engine_url, *config_args],
-        dict(os.environ), settings.state_dir / "monitor.log",
+        "monitor",
+        [tunewatch, "monitor", "--engine-url", engine_url, *config_args],
+        dict(os.environ),
+        settings.state_dir / "monitor.log",
         healthy=lambda: _http_ok(monitor_url),
-        on_restart=recorder("monitor.restarted"), startup_timeout_s=120,
-    )  # fmt: skip
+        on_restart=recorder("monitor.restarted"),
+        startup_timeout_s=120,
+    )
     prometheus_process = _prometheus(settings, recorder("prometheus.restarted"))
     children = [engine, monitor_process]
     log.info("starting vLLM (about a minute on CPU)", extra={"log": str(engine.log_file)})
@@ -211,10 +228,14 @@ def _prometheus(
         return None
     log.info("starting prometheus", extra={"url": f"http://{options.host}:{options.port}"})
     return SupervisedProcess(
-        "prometheus", command, dict(os.environ), settings.state_dir / "prometheus.log",
+        "prometheus",
+        command,
+        dict(os.environ),
+        settings.state_dir / "prometheus.log",
         healthy=lambda: _http_ok(f"http://{options.host}:{options.port}/-/ready"),
-        on_restart=on_restart, startup_timeout_s=60,
-    )  # fmt: skip
+        on_restart=on_restart,
+        startup_timeout_s=60,
+    )
 
 
 async def serve(settings: Settings, engine_url: str) -> None:

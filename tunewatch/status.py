@@ -9,8 +9,8 @@ from monitor.quality import quality
 from monitor.signals import signals
 from monitor.traffic import adapter_labels, read_window, with_goldens
 from serving.exchange import BASE_LABEL
-from serving.routing import RoutingTable
-from serving.store import Store
+from store import Store
+from store.adapters import RoutingTable
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -18,7 +18,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def status_table(
-    store: Store, base_adapter: str, window_size: int, correct_rouge_l: float
+    store: Store, base_adapter: str | None, window_size: int, correct_rouge_l: float
 ) -> Table:
     routing = store.routing_table() or RoutingTable()
     roles = {  # later entries win: a rollout's candidate is both shadow and canary
@@ -27,8 +27,20 @@ def status_table(
         routing.primary or BASE_LABEL: "primary",
     }
     table = Table(title=f"tunewatch: last {window_size} exchanges per adapter")
-    for column in ("adapter", "role", "exchanges", "errors", "p50 s", "p95 s", "mean logprob",
-                   "labelled", "chrF", "exact match", "ECE", "last drift verdict"):  # fmt: skip
+    for column in (
+        "adapter",
+        "role",
+        "exchanges",
+        "errors",
+        "p50 s",
+        "p95 s",
+        "mean logprob",
+        "labelled",
+        "chrF",
+        "exact match",
+        "ECE",
+        "last drift verdict",
+    ):
         table.add_column(column, justify="left" if column in ("adapter", "role") else "right")
     for adapter in adapter_labels(store, base_adapter):
         live = read_window(store, adapter, window_size)
@@ -37,10 +49,17 @@ def status_table(
         ece = calibration(judged, threshold=correct_rouge_l, pairs=scores.pairs).ece
         drift = store.events(kind="drift.verdict", limit=1, subject=adapter)
         table.add_row(
-            adapter, roles.get(adapter, ""), str(traffic.n), _fmt(traffic.error_rate, ".1%"),
-            _fmt(traffic.latency_p50_seconds, ".2f"), _fmt(traffic.latency_p95_seconds, ".2f"),
-            _fmt(traffic.mean_logprob), str(scores.n), _fmt(scores.chrf, ".1f"),
-            _fmt(scores.exact_match_ratio, ".1%"), _fmt(ece),
+            adapter,
+            roles.get(adapter, ""),
+            str(traffic.n),
+            _fmt(traffic.error_rate, ".1%"),
+            _fmt(traffic.latency_p50_seconds, ".2f"),
+            _fmt(traffic.latency_p95_seconds, ".2f"),
+            _fmt(traffic.mean_logprob),
+            str(scores.n),
+            _fmt(scores.chrf, ".1f"),
+            _fmt(scores.exact_match_ratio, ".1%"),
+            _fmt(ece),
             drift[0].reason if drift else "-",
-        )  # fmt: skip
+        )
     return table

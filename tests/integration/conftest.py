@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.store import Store
+from store import Store
 from tests.integration.realstack import (
     ADMIN_TOKEN,
     Stack,

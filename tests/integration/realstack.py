@@ -17,8 +17,8 @@ import httpx
 import openai
 import psutil
 
-from retrain import rollout_control
-from serving.store import Store
+from rollout import control
+from store import Store
 
 ADMIN_TOKEN = "integration-admin-token"
 SERVED_NAME = "smollm2-135m-instruct"
@@ -153,8 +153,8 @@ def add_candidate(stack: Stack, path: Path, family: str) -> str:
     return f"{family}-v1"
 
 
-def rollout_of(stack: Stack, adapter: str) -> rollout_control.RolloutView | None:
-    return next((r for r in rollout_control.rollouts(stack.store) if r.candidate == adapter), None)
+def rollout_of(stack: Stack, adapter: str) -> control.RolloutView | None:
+    return next((r for r in control.rollouts(stack.store) if r.candidate == adapter), None)
 
 
 def stage_is(stack: Stack, adapter: str, *stages: str):

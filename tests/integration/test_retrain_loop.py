@@ -24,8 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from retrain.registry import versions
-from serving.store import Store, TrainingJob
+from registry.versions import versions
+from store import Store
+from store.jobs import TrainingJob
 from tests.integration.realstack import wait_until
 from tests.integration.test_trainer import capitals
 from tests.ports import free_port

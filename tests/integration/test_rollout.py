@@ -25,8 +25,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from retrain.registry import versions
-from serving.routing import RoutingTable
+from registry.versions import versions
+from store.adapters import RoutingTable
 from tests.integration.realstack import (
     SERVED_NAME,
     Stack,

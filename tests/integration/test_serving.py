@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.store import Exchange
+from store.exchanges import Exchange
 from tests.integration.realstack import SERVED_NAME, Stack, wait_until
 from tunewatch.settings import load_settings
 

@@ -12,17 +12,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from serving.recorder import ExchangeRecorder
-from serving.routing import RoutingTable
-from serving.store import (
-    AdapterNameTakenError,
-    AdapterRecord,
-    Exchange,
-    Feedback,
-    SchemaMismatchError,
-    Store,
-    UnknownExchangeError,
-    new_id,
-)
+from store import Store
+from store.adapters import AdapterNameTakenError, AdapterRecord, RoutingTable
+from store.base import SchemaMismatchError
+from store.exchanges import Exchange, Feedback, UnknownExchangeError, new_id
 
 
 @pytest.fixture

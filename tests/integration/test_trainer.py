@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from monitor.goldens import DEFAULT_GOLDEN_SET, GoldenExample, load_golden_set
 from retrain.data import build_training_set, write_training_set
-from retrain.hpo import tune
-from retrain.trainer import TrainingConfig, TrainingSpec, progress_path, result_path
+from retrain.training.hpo import tune
+from retrain.training.spec import TrainingConfig, TrainingSpec, progress_path, result_path
 from serving.engine import adapter_fingerprint
 from tests.integration.realstack import Stack, lora_adapter
 

@@ -24,9 +24,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from serving.adapters import AdapterSet
+from serving.app import create_app
 from serving.engine import EngineClient
-from serving.gateway import Gateway, GatewayConfig, create_app
-from serving.store import Exchange, Store
+from serving.gateway import Gateway, GatewayConfig
+from store import Store
+from store.exchanges import Exchange
 
 SERVED_MODEL_NAME = "smollm2-135m-instruct"
 BASE_ADAPTER = "base-identity-test"

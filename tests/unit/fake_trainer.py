@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from serving.store import Store, TrainingJob
+from store import Store
+from store.jobs import TrainingJob
 
 
 def write_result(output_dir: Path, result: dict) -> None:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from dashboards import manifests
-from retrain.trainer import load_spec
+from retrain.training.spec import load_spec
 from tunewatch.settings import Settings
 from tunewatch.stack import engine_launch
 

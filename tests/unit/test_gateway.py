@@ -12,7 +12,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gateway import EXCHANGE_HEADER
-from serving.routing import RoutingTable, unit_hash
+from serving.routing import unit_hash
+from store.adapters import RoutingTable
 
 REPLY = "Paris is the capital."
 MEAN_LOGPROB = -0.3  # the fake engine's five tokens: -0.1 ... -0.5

@@ -1,7 +1,7 @@
 """The rollout guards: confidence sequences that stay honest however often they are looked at.
 
 Unless a test says otherwise: alpha 0.05 given to the guard itself, the defaults of
-`retrain.guards` otherwise (min 30 samples per side, CS tightest at 200 effective samples),
+`rollout.guards` otherwise (min 30 samples per side, CS tightest at 200 effective samples),
 and seeded generators. The A/A tests look after every one of 20 intervals and count a
 sequence as falsely failed if ANY look fails: the rate the rollout's users live with.
 """
@@ -15,19 +15,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from retrain.guards import (
-    Evidence,
-    GuardConfig,
-    GuardResult,
-    Summary,
+from rollout.guards.paired import paired_test
+from rollout.guards.sequences import (
     boundary,
     error_rate,
     judge,
     latency_ratio,
-    paired_test,
     quality_noninferiority,
     quality_paired,
 )
+from rollout.guards.types import Evidence, GuardConfig, GuardResult, Summary
 
 SEQUENCES = 400
 LOOKS = 20

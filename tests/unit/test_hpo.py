@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from retrain import hpo
-from retrain.hpo import (
+from retrain.training import hpo
+from retrain.training.hpo import (
     MAX_LORA_RANK,
     SearchSpace,
     TrialResult,
@@ -23,7 +23,7 @@ from retrain.hpo import (
     rank_agreement,
     tune,
 )
-from retrain.trainer import NonFiniteLossError, TrainingConfig, TrainingError, TrainingSpec
+from retrain.training.spec import NonFiniteLossError, TrainingConfig, TrainingError, TrainingSpec
 
 BASE = TrainingConfig(epochs=2, batch_size=4, max_length=64, threads=1)
 

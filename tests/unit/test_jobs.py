@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from registry.versions import versions
 from retrain.jobs import (
     RetrainConfig,
     TrainingRunner,
@@ -26,9 +27,8 @@ from retrain.jobs import (
     queue_job,
     run_in_foreground,
 )
-from retrain.registry import versions
-from retrain.trainer import TrainingConfig
-from serving.store import Store
+from retrain.training.spec import TrainingConfig
+from store import Store
 from tests.unit.conftest import write_adapter
 from tests.unit.views import exchange_record
 from tunewatch import stack

@@ -17,7 +17,7 @@ from monitor.goldens import GoldenExample, GoldenSetError, load_golden_set, run_
 from monitor.sidecar import Monitor, MonitorConfig
 from monitor.traffic import read_window
 from serving.engine import EngineClient
-from serving.store import Store
+from store import Store
 from tests.unit.views import exchange_record as exchange
 
 

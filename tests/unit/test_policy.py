@@ -1,4 +1,4 @@
-"""The retraining trigger: `decide` on sequences of checks, one behaviour per test.
+"""The retraining trigger: `decide_retrain` on sequences of checks, one behaviour per test.
 
 Unless a test says otherwise: K = 3 consecutive checks, M = 200 new labelled examples, a
 6-hour cooldown, 2 retrains per UTC day, the drift alarm enters at a share >= 0.5 and
@@ -14,12 +14,12 @@ from datetime import UTC, date, datetime, timedelta, timezone
 import pytest
 
 from retrain.policy import (
-    Decision,
     Observation,
     Pending,
     TriggerConfig,
+    TriggerDecision,
     TriggerState,
-    decide,
+    decide_retrain,
 )
 
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
@@ -53,7 +53,7 @@ def run(
     queued_for: int = 0,
     running_for: int = 0,
     restart_at: int | None = None,
-) -> list[Decision]:
+) -> list[TriggerDecision]:
     """Decide each check in turn, standing in for the caller.
 
     After a retrain, its job is reported queued for `queued_for` checks, then running for
@@ -61,7 +61,7 @@ def run(
     state goes through JSON, as a restarted daemon reads it back from the store.
     """
     state = state or TriggerState()
-    decisions: list[Decision] = []
+    decisions: list[TriggerDecision] = []
     since_retrain: int | None = None
     for i, obs in enumerate(observations):
         if since_retrain is not None:
@@ -76,7 +76,7 @@ def run(
             since_retrain += 1
         if i == restart_at:
             state = TriggerState.from_dict(json.loads(json.dumps(state.to_dict())))
-        decision = decide(config, state, obs)
+        decision = decide_retrain(config, state, obs)
         if decision.action == "retrain":
             since_retrain = 0
         elif decision.action == "cancel_pending":
@@ -86,11 +86,11 @@ def run(
     return decisions
 
 
-def actions(decisions: list[Decision]) -> list[str]:
+def actions(decisions: list[TriggerDecision]) -> list[str]:
     return [d.action for d in decisions]
 
 
-def retrains(decisions: list[Decision]) -> list[int]:
+def retrains(decisions: list[TriggerDecision]) -> list[int]:
     """The indexes of the checks that decided a retrain."""
     return [i for i, d in enumerate(decisions) if d.action == "retrain"]
 
@@ -108,7 +108,7 @@ def test_a_retrain_reason_names_every_figure_behind_it() -> None:
     state = TriggerState(
         drift_entered=True, drift_streak=2, last_retrain_at=T0 - timedelta(hours=6)
     )
-    decision = decide(CONFIG, state, check(0, 0.62))
+    decision = decide_retrain(CONFIG, state, check(0, 0.62))
     assert decision.reason == (
         "drift share 0.62 >= 0.5 for 3 of 3 checks; 240 new labelled examples >= 200; "
         "cooldown passed (6h since last); no rollout; budget 1 of 2 used today -> retrain"
@@ -154,7 +154,7 @@ def test_a_clear_check_says_so_with_its_share() -> None:
 def test_every_evaluation_yields_a_reason_and_json_ready_figures(
     observation: Observation, config: TriggerConfig
 ) -> None:
-    decision = decide(config, TriggerState(), observation)
+    decision = decide_retrain(config, TriggerState(), observation)
     assert decision.reason
     assert json.loads(json.dumps(decision.figures))["action"] == decision.action
 
@@ -226,7 +226,7 @@ def test_a_cancelled_retrain_gives_back_its_cooldown_and_its_budget() -> None:
 
 
 def test_a_retrain_queued_by_hand_is_never_cancelled_by_the_policy() -> None:
-    decision = decide(CONFIG, TriggerState(), check(0, 0.1, retrain_job="queued"))
+    decision = decide_retrain(CONFIG, TriggerState(), check(0, 0.1, retrain_job="queued"))
     assert decision.action == "none"
 
 
@@ -255,9 +255,8 @@ def test_a_restart_keeps_the_cooldown(restart_at: int) -> None:
 
 def test_forgetting_the_state_would_have_lost_the_cooldown() -> None:
     # The contrast that makes the restart test meaningful.
-    assert decide(CONFIG, TriggerState(drift_entered=True, drift_streak=5), check()).action == (
-        "retrain"
-    )
+    state = TriggerState(drift_entered=True, drift_streak=5)
+    assert decide_retrain(CONFIG, state, check()).action == "retrain"
 
 
 @pytest.mark.parametrize(
@@ -357,7 +356,7 @@ def test_the_cooldown_since_the_last_retrain(
     state = TriggerState(
         drift_entered=True, drift_streak=2, last_retrain_at=T0 - timedelta(hours=hours_since_last)
     )
-    decision = decide(CONFIG, state, check())
+    decision = decide_retrain(CONFIG, state, check())
     assert (decision.action, reason in decision.reason) == (action, True)
 
 
@@ -366,7 +365,7 @@ def test_a_spent_daily_budget_blocks() -> None:
         drift_entered=True, drift_streak=2, budget_day=T0.date(), retrains_today=2,
         last_retrain_at=T0 - timedelta(hours=7),
     )  # fmt: skip
-    decision = decide(CONFIG, state, check())
+    decision = decide_retrain(CONFIG, state, check())
     assert decision.action == "none"
     assert decision.reason.startswith("blocked: daily budget 2 of 2 spent")
 
@@ -387,7 +386,7 @@ def test_the_daily_budget_resets_on_a_new_utc_day(now: datetime, action: str) ->
         drift_entered=True, drift_streak=2, budget_day=date(2026, 11, 2), retrains_today=2,
         last_retrain_at=datetime(2026, 11, 2, 12, 0, tzinfo=UTC),
     )  # fmt: skip
-    decision = decide(CONFIG, state, replace(check(), now=now))
+    decision = decide_retrain(CONFIG, state, replace(check(), now=now))
     assert decision.action == action
 
 
@@ -439,7 +438,7 @@ def test_a_refused_check_cannot_fire_a_retrain() -> None:
 
 
 def test_a_refusal_says_why_the_monitor_refused() -> None:
-    decision = decide(CONFIG, TriggerState(), check(0, None, refusal="40 exchanges < 200"))
+    decision = decide_retrain(CONFIG, TriggerState(), check(0, None, refusal="40 exchanges < 200"))
     assert decision.reason == "monitor refused to judge: 40 exchanges < 200 -> no change"
     assert decision.figures["refusal"] == "40 exchanges < 200"
 

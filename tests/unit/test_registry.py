@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain.registry import (
+from registry.versions import (
     RegistryError,
     family_of,
     next_version,
@@ -17,7 +17,7 @@ from retrain.registry import (
     versions,
 )
 from serving.engine import InvalidAdapterError
-from serving.store import Store
+from store import Store
 
 
 @pytest.fixture

@@ -12,15 +12,13 @@ import pytest
 from rich.console import Console
 from sqlalchemy import select, update
 
-from retrain.report import (
-    RolloutReport,
-    UnknownRolloutError,
-    build_report,
-    default_bucket_s,
-    render_html,
-    render_table,
-)
-from serving.store import Event, Rollout, Store
+from rollout.report.build import RolloutReport, build_report, default_bucket_s
+from rollout.report.html import render_html
+from rollout.report.table import render_table
+from rollout.repository import UnknownRolloutError
+from store import Store
+from store.events import Event
+from store.rollouts import Rollout
 from tests.unit.views import T0, exchange_record
 
 CANDIDATE = "cand-1"
@@ -88,7 +86,7 @@ def store(tmp_path: Path) -> Store:
         store.add_feedback(exchange_id, "a wrong reference, superseded", None)
         store.add_feedback(exchange_id, "Paris", None)
     add_event(store, 0, "rollout.started", "started by the trigger", stage="shadow", step=-1)
-    # as retrain/rollout_runner.py records them: "stage", "step", "weight" after the move
+    # as rollout/runner.py records them: "stage", "step", "weight" after the move
     add_event(store, 85, "rollout.rolled_back", f"quality guard failed {XSS}",
               stage="rolled_back", step=0, weight=0.0, to_stage="rolled_back", to_step=0,
               to_weight=0.0, guards=QUALITY_FAIL)  # fmt: skip
@@ -192,7 +190,7 @@ def test_decisions_are_the_rollouts_events_oldest_first(report: RolloutReport) -
 
 def test_a_move_recorded_with_where_it_came_from_says_so(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
-    add_rollout(store)  # rollout.decide's own figures: "stage" before, "to_stage" after
+    add_rollout(store)  # decide_rollout's own figures: "stage" before, "to_stage" after
     add_event(store, 30, "rollout.advanced", "on", stage="canary", step=0, weight=0.05,
               to_stage="canary", to_step=1, to_weight=0.25)  # fmt: skip
     [decision] = build_report(store, 1).decisions

@@ -1,4 +1,4 @@
-"""The rollout state machine: every transition of decide() and every refusal of command()."""
+"""The rollout state machine: every transition of decide_rollout(), every refusal of command()."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from retrain.guards import Evidence, GuardConfig, judge
-from retrain.rollout import (
+from rollout.guards.sequences import judge
+from rollout.guards.types import Evidence, GuardConfig
+from rollout.machine import (
     Observation,
     RolloutConfig,
     RolloutRefusal,
     RolloutState,
     command,
-    decide,
+    decide_rollout,
     start,
 )
 
@@ -53,13 +54,13 @@ def test_a_rollout_starts_in_shadow_with_no_canary_weight():
 
 
 def test_shadow_waits_for_its_minimum_time_and_pairs_and_says_so():
-    moved = decide(CONFIG, start(T0), look(start(T0), after_s=10, samples=5))
+    moved = decide_rollout(CONFIG, start(T0), look(start(T0), after_s=10, samples=5))
     assert moved.action == "none" and moved.state == start(T0)
     assert "10 s of 30 s" in moved.reason and "5 of 20 mirrored answers" in moved.reason
 
 
 def test_shadow_moves_to_the_first_canary_step_once_no_guard_found_harm():
-    moved = decide(CONFIG, start(T0), look(start(T0), after_s=60, same=True))
+    moved = decide_rollout(CONFIG, start(T0), look(start(T0), after_s=60, same=True))
     assert moved.action == "advance"
     assert (moved.state.stage, moved.state.step, moved.state.weight(CONFIG)) == ("canary", 0, 0.05)
     assert moved.state.stage_started_at == T0 + timedelta(seconds=60)
@@ -68,12 +69,12 @@ def test_shadow_moves_to_the_first_canary_step_once_no_guard_found_harm():
 
 @pytest.mark.parametrize("step", range(LAST))
 def test_each_canary_step_moves_to_the_next(step: int):
-    moved = decide(CONFIG, canary(step), look(canary(step), after_s=60, same=True))
+    moved = decide_rollout(CONFIG, canary(step), look(canary(step), after_s=60, same=True))
     assert moved.action == "advance" and moved.state.step == step + 1
 
 
 def test_the_last_step_promotes():
-    moved = decide(CONFIG, canary(LAST), look(canary(LAST), after_s=60, same=True))
+    moved = decide_rollout(CONFIG, canary(LAST), look(canary(LAST), after_s=60, same=True))
     assert moved.action == "promote" and moved.state.stage == "promoted"
 
 
@@ -87,20 +88,20 @@ def test_the_last_step_promotes():
     ],
 )
 def test_a_failed_guard_rolls_back_at_once_in_any_stage(state: RolloutState, harm: dict):
-    moved = decide(CONFIG, state, look(state, after_s=1, samples=0, **harm))
+    moved = decide_rollout(CONFIG, state, look(state, after_s=1, samples=0, **harm))
     assert moved.action == "rollback" and moved.state.stage == "rolled_back"
     assert "-> roll back" in moved.reason and moved.figures["verdict"] == "fail"
 
 
 def test_too_little_evidence_for_a_guard_is_a_reason_to_wait_never_a_pass():
-    moved = decide(CONFIG, canary(LAST), look(canary(LAST), after_s=60, n=10, same=True))
+    moved = decide_rollout(CONFIG, canary(LAST), look(canary(LAST), after_s=60, n=10, same=True))
     assert moved.action == "none"
     assert "10 pairs < 30 needed" in moved.reason
 
 
 def test_a_stage_still_waiting_at_its_deadline_is_paused_with_what_was_missing():
     state = canary(1)
-    moved = decide(CONFIG, state, look(state, after_s=CONFIG.stage_deadline_s, samples=3))
+    moved = decide_rollout(CONFIG, state, look(state, after_s=CONFIG.stage_deadline_s, samples=3))
     assert moved.action == "pause"
     assert moved.state.stage == "paused" and moved.state.paused_from == ("canary", 1)
     assert "3 of 10 canary answers" in moved.reason and "deadline" in moved.reason
@@ -110,13 +111,13 @@ def test_a_stage_still_waiting_at_its_deadline_is_paused_with_what_was_missing()
 @pytest.mark.parametrize("stage", ["paused", "promoted", "rolled_back"])
 def test_a_paused_or_finished_rollout_is_not_judged(stage: str):
     state = RolloutState(stage, 1, T0, ("canary", 1) if stage == "paused" else None)
-    moved = decide(CONFIG, state, look(state, after_s=60, errors=1.0))
+    moved = decide_rollout(CONFIG, state, look(state, after_s=60, errors=1.0))
     assert moved.action == "none" and moved.state == state
 
 
 def test_with_require_pass_the_last_step_waits_for_proof():
     strict = RolloutConfig(require_pass=True)
-    moved = decide(strict, canary(LAST), look(canary(LAST), after_s=60, same=True, n=40))
+    moved = decide_rollout(strict, canary(LAST), look(canary(LAST), after_s=60, same=True, n=40))
     assert moved.action == "none" and "not every guard passed yet" in moved.reason
 
 
@@ -172,7 +173,7 @@ def test_a_config_that_cannot_work_is_refused(bad: dict):
 def test_only_the_configured_guards_must_have_data():
     latency_only = GuardConfig(guards=("latency", "errors"))
     config = RolloutConfig(guards=latency_only)
-    moved = decide(
+    moved = decide_rollout(
         config, canary(LAST), look(canary(LAST), after_s=60, same=True, guards=latency_only)
     )
     assert moved.action == "promote"

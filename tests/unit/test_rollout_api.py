@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from retrain.registry import register
-from retrain.rollout_api import rollout_router
+from registry.versions import register
+from rollout.api import rollout_router
 from tests.unit.conftest import Harness, write_adapter
 
 

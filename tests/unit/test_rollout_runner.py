@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from retrain import rollout_control
-from retrain.guards import GuardConfig
-from retrain.registry import register, set_status, versions
-from retrain.rollout import RolloutConfig, RolloutRefusal
-from retrain.rollout_runner import RolloutRunner, RunnerConfig
+import retrain.metrics  # noqa: F401  (declares the trigger's and the training jobs' counters)
+from registry.versions import register, set_status, versions
+from rollout import control
+from rollout.guards.types import GuardConfig
+from rollout.machine import RolloutConfig, RolloutRefusal
+from rollout.runner import RolloutRunner, RunnerConfig
 from serving.engine import EngineClient
-from serving.routing import RoutingTable
-from serving.store import Store
+from store import Store
+from store.adapters import RoutingTable
 from tests.unit.conftest import ENGINE_URL, FakeEngine, write_adapter
 from tests.unit.views import exchange_record
 
@@ -82,7 +83,7 @@ def test_a_new_candidate_is_loaded_and_started_in_shadow(
     runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
 ):
     tick(runner)
-    active = rollout_control.active_rollout(store)
+    active = control.active_rollout(store)
     assert active is not None and (active.candidate, active.stage) == (candidate, "shadow")
     assert candidate in engine.loaded
     assert store.routing_table() == RoutingTable(shadow=candidate, shadow_fraction=0.5)
@@ -96,7 +97,7 @@ def test_an_adapter_the_engine_refuses_fails_the_start_and_routes_nothing(
 ):
     engine.lists_loaded_adapters = False  # vLLM accepts the load but never serves it
     tick(runner)
-    assert rollout_control.active_rollout(store) is None
+    assert control.active_rollout(store) is None
     assert status_of(store, candidate) == "failed"
     assert store.routing_table() is None
     [refused] = store.events(kind="rollout.refused")
@@ -111,13 +112,13 @@ def test_a_good_candidate_goes_through_every_step_to_primary(
     tick(runner)
     stages = []
     for _ in FAST.rollout.steps:
-        active = rollout_control.active_rollout(store)
+        active = control.active_rollout(store)
         assert active is not None
         stages.append((active.stage, active.weight))
         traffic(store, candidate, "canary", 5)
         tick(runner)
     assert stages == [("canary", 0.05), ("canary", 0.25), ("canary", 0.5), ("canary", 1.0)]
-    assert rollout_control.active_rollout(store) is None
+    assert control.active_rollout(store) is None
     assert store.routing_table() == RoutingTable(primary=candidate)
     assert status_of(store, candidate) == "primary"
     events = list(reversed(store.events(kind_prefix="rollout.", limit=20)))
@@ -137,7 +138,7 @@ def test_too_few_answers_wait_and_say_what_is_missing(
     tick(runner)
     traffic(store, candidate, "shadow", 2)
     tick(runner)
-    active = rollout_control.active_rollout(store)
+    active = control.active_rollout(store)
     assert active is not None and active.stage == "shadow"
     assert "waiting: 2 of 5 mirrored answers" in active.reason
 
@@ -148,7 +149,7 @@ def test_a_candidate_that_fails_every_request_is_rolled_back_and_drained(
     tick(runner)
     traffic(store, candidate, "shadow", 40, fail=True)
     tick(runner)  # the look rolls back; the drain is due at once (drain_s 0)
-    assert rollout_control.active_rollout(store) is None
+    assert control.active_rollout(store) is None
     assert store.routing_table() == RoutingTable()
     assert status_of(store, candidate) == "failed"
     [rolled] = store.events(kind="rollout.rolled_back")
@@ -167,9 +168,9 @@ def test_promotion_retires_the_old_primary_and_unloads_it(
     store.set_routing_table(RoutingTable(primary=old), reason="earlier")
     new = register(store, "support", write_adapter(tmp_path / "new", b"new"), reason="v2").name
     tick(runner)
-    request = rollout_control.request(store, "promote", by="cli")
+    request = control.request(store, "promote", by="cli")
     tick(runner)
-    assert rollout_control.get_command(store, request.id).status == "done"
+    assert control.get_command(store, request.id).status == "done"
     assert store.routing_table() == RoutingTable(primary=new)
     assert (status_of(store, old), status_of(store, new)) == ("retired", "primary")
     tick(runner)
@@ -180,21 +181,21 @@ def test_a_person_can_pause_resume_and_roll_back(
     runner: RolloutRunner, store: Store, candidate: str
 ):
     tick(runner)
-    pause = rollout_control.request(store, "pause", by="cli")
+    pause = control.request(store, "pause", by="cli")
     tick(runner)
-    assert rollout_control.active_rollout(store).stage == "paused"
+    assert control.active_rollout(store).stage == "paused"
     assert store.routing_table() == RoutingTable(shadow=candidate, shadow_fraction=0.5)
     with pytest.raises(RolloutRefusal, match="already paused"):
-        rollout_control.request(store, "pause", by="cli")
-    rollout_control.request(store, "resume", by="cli")
+        control.request(store, "pause", by="cli")
+    control.request(store, "resume", by="cli")
     tick(runner)
-    assert rollout_control.active_rollout(store).stage == "shadow"
-    rollout_control.request(store, "rollback", by="admin api")
+    assert control.active_rollout(store).stage == "shadow"
+    control.request(store, "rollback", by="admin api")
     tick(runner)
-    assert rollout_control.get_command(store, pause.id).result.endswith("paused by hand")
+    assert control.get_command(store, pause.id).result.endswith("paused by hand")
     assert status_of(store, candidate) == "failed"
     with pytest.raises(RolloutRefusal, match="no rollout is in progress"):
-        rollout_control.request(store, "promote", by="cli")
+        control.request(store, "promote", by="cli")
 
 
 def test_one_rollout_at_a_time_and_only_candidates(
@@ -202,17 +203,17 @@ def test_one_rollout_at_a_time_and_only_candidates(
 ):
     by_hand = replace(FAST, auto_start=False)
     runner = RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), by_hand)
-    rollout_control.request(store, "start", adapter=candidate, by="cli")
+    control.request(store, "start", adapter=candidate, by="cli")
     tick(runner)
     other = register(store, "other", write_adapter(tmp_path / "o", b"o"), reason="x").name
     with pytest.raises(RolloutRefusal, match="one rollout at a time"):
-        rollout_control.request(store, "start", adapter=other, by="cli")
-    rollout_control.request(store, "rollback", by="cli")
+        control.request(store, "start", adapter=other, by="cli")
+    control.request(store, "rollback", by="cli")
     tick(runner)
     with pytest.raises(RolloutRefusal, match="is failed: only a candidate"):
-        rollout_control.request(store, "start", adapter=candidate, by="cli")
+        control.request(store, "start", adapter=candidate, by="cli")
     with pytest.raises(RolloutRefusal, match="no adapter named 'ghost'"):
-        rollout_control.request(store, "start", adapter="ghost", by="cli")
+        control.request(store, "start", adapter="ghost", by="cli")
 
 
 def test_a_restarted_controller_resumes_the_rollout_where_it_stood(
@@ -224,12 +225,12 @@ def test_a_restarted_controller_resumes_the_rollout_where_it_stood(
     tick(first)
     traffic(store, candidate, "canary", 5)
     tick(first)
-    before = rollout_control.active_rollout(store)
+    before = control.active_rollout(store)
     routing = store.routing_table()
     assert (before.stage, before.weight) == ("canary", 0.25)
     second = RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), FAST)
     tick(second)  # nothing new to see: it stays where the first left it
-    after = rollout_control.active_rollout(store)
+    after = control.active_rollout(store)
     assert (after.id, after.stage, after.weight) == (before.id, "canary", 0.25)
     assert store.routing_table() == routing
 
@@ -239,9 +240,9 @@ def test_a_new_candidate_waits_for_the_rollout_in_progress_then_starts_by_itself
 ):
     tick(runner)
     later = register(store, "support", write_adapter(tmp_path / "l", b"l"), reason="x").name
-    rollout_control.request(store, "rollback", by="cli")
+    control.request(store, "rollback", by="cli")
     tick(runner)  # the rollback, then the next candidate in line
-    active = rollout_control.active_rollout(store)
+    active = control.active_rollout(store)
     assert active is not None and active.candidate == later
 
 
@@ -250,18 +251,18 @@ def test_an_engine_down_at_the_start_leaves_the_candidate_to_try_again(
 ):
     engine.down = True
     tick(runner)
-    assert rollout_control.active_rollout(store) is None
+    assert control.active_rollout(store) is None
     assert status_of(store, candidate) == "candidate"  # not its fault: not failed
     engine.down = False
     tick(runner)
-    assert rollout_control.active_rollout(store).candidate == candidate
+    assert control.active_rollout(store).candidate == candidate
 
 
 def test_an_engine_down_at_the_drain_unloads_once_it_is_back(
     runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
 ):
     tick(runner)
-    rollout_control.request(store, "rollback", by="cli")
+    control.request(store, "rollback", by="cli")
     engine.down = True
     tick(runner)  # the rollback is in the store; vLLM cannot be told yet
     assert store.routing_table() == RoutingTable()

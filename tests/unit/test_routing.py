@@ -1,4 +1,4 @@
-"""The routing table and `decide`: who goes to the canary, who is mirrored to the shadow."""
+"""The routing table and `choose_route`: who goes to the canary, who is mirrored to the shadow."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from serving.routing import Decision, RoutingTable, decide, unit_hash
+from serving.routing import RouteChoice, choose_route, unit_hash
+from store.adapters import RoutingTable
 
 USERS = [f"user-{i}" for i in range(4000)]
 
 
 def canary_users(table: RoutingTable) -> set[str]:
-    return {u for u in USERS if decide(table, u, random.Random(0)).route == "canary"}
+    return {u for u in USERS if choose_route(table, u, random.Random(0)).route == "canary"}
 
 
 def test_unit_hash_is_stable_across_processes_and_releases() -> None:
@@ -27,13 +28,13 @@ def test_unit_hash_lies_in_the_unit_interval() -> None:
 
 
 def test_an_empty_table_sends_everyone_to_the_base_model_without_mirroring() -> None:
-    assert decide(RoutingTable(), "alice") == Decision("primary", None, None)
+    assert choose_route(RoutingTable(), "alice") == RouteChoice("primary", None, None)
 
 
 def test_a_user_always_lands_on_the_same_side() -> None:
     table = RoutingTable(primary="v1", canary="v2", canary_weight=0.5)
     for user in USERS[:200]:
-        routes = {decide(table, user, random.Random(seed)).route for seed in range(5)}
+        routes = {choose_route(table, user, random.Random(seed)).route for seed in range(5)}
         assert len(routes) == 1, user
 
 
@@ -55,7 +56,7 @@ def test_the_canary_share_of_users_is_close_to_its_weight(weight: float) -> None
 def test_anonymous_requests_go_to_the_canary_at_its_weight() -> None:
     table = RoutingTable(primary="v1", canary="v2", canary_weight=0.3)
     rng = random.Random(1)
-    share = sum(decide(table, None, rng).route == "canary" for _ in range(4000)) / 4000
+    share = sum(choose_route(table, None, rng).route == "canary" for _ in range(4000)) / 4000
     assert share == pytest.approx(0.3, abs=0.03)
 
 
@@ -66,7 +67,7 @@ def test_weight_zero_keeps_everyone_on_the_primary_and_weight_one_moves_everyone
 
 def test_the_canary_answers_with_its_own_adapter_and_the_primary_with_its() -> None:
     table = RoutingTable(primary="v1", canary="v2", canary_weight=0.5)
-    decisions = {decide(table, u).route: decide(table, u).adapter for u in USERS[:100]}
+    decisions = {choose_route(table, u).route: choose_route(table, u).adapter for u in USERS[:100]}
     assert decisions == {"primary": "v1", "canary": "v2"}
 
 
@@ -80,7 +81,7 @@ def test_each_canary_samples_its_own_users() -> None:
 def test_the_shadow_mirrors_its_fraction_of_requests() -> None:
     table = RoutingTable(primary="v1", shadow="v2", shadow_fraction=0.2)
     rng = random.Random(2)
-    mirrored = [decide(table, u, rng).mirror_to for u in USERS]
+    mirrored = [choose_route(table, u, rng).mirror_to for u in USERS]
     assert set(mirrored) == {"v2", None}
     assert mirrored.count("v2") / len(USERS) == pytest.approx(0.2, abs=0.03)
 
@@ -89,20 +90,20 @@ def test_a_shadow_at_fraction_one_mirrors_every_request_whichever_side_answers()
     table = RoutingTable(
         primary="v1", canary="v3", canary_weight=0.5, shadow="v2", shadow_fraction=1.0
     )
-    assert {decide(table, u).mirror_to for u in USERS[:200]} == {"v2"}
+    assert {choose_route(table, u).mirror_to for u in USERS[:200]} == {"v2"}
 
 
 def test_a_candidate_both_canary_and_shadow_mirrors_only_the_primarys_requests() -> None:
     table = RoutingTable(
         primary="v1", canary="v2", canary_weight=0.5, shadow="v2", shadow_fraction=1.0
     )
-    decisions = [decide(table, f"user-{n}") for n in range(400)]
+    decisions = [choose_route(table, f"user-{n}") for n in range(400)]
     assert {(d.route, d.mirror_to) for d in decisions} == {("primary", "v2"), ("canary", None)}
 
 
 def test_a_shadow_at_fraction_zero_mirrors_nothing() -> None:
     table = RoutingTable(primary="v1", shadow="v2", shadow_fraction=0.0)
-    assert {decide(table, u).mirror_to for u in USERS[:200]} == {None}
+    assert {choose_route(table, u).mirror_to for u in USERS[:200]} == {None}
 
 
 def test_a_canary_weight_without_a_canary_is_refused() -> None:

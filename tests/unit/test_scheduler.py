@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from retrain.scheduler import LEASE, PeriodicJob, Scheduler
-from serving.store import Store
+from controller.scheduler import LEASE, PeriodicJob, Scheduler
+from store import Store
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ async def test_only_the_jobs_name_is_pickled_into_the_database(store: Store) -> 
         await until(lambda: scheduler.leading)
     with store.engine.connect() as connection:
         state = pickle.loads(connection.scalar(text("SELECT job_state FROM apscheduler_jobs")))
-    assert state["func"] == "retrain.scheduler:run_job" and state["args"] == ("tick",)
+    assert state["func"] == "controller.scheduler:run_job" and state["args"] == ("tick",)
 
 
 async def test_a_restart_keeps_the_next_run_time_and_adds_no_second_copy(store: Store) -> None:

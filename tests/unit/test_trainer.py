@@ -13,19 +13,21 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from retrain.trainer import (
-    DEFAULT_TARGET_MODULES,
+from retrain.trainer import main
+from retrain.training.lora import (
     AbortOnNonFiniteLoss,
-    NonFiniteLossError,
     ReportProgress,
     StopAtBudget,
+    budget_steps,
+    configure_threads,
+)
+from retrain.training.spec import (
+    DEFAULT_TARGET_MODULES,
+    NonFiniteLossError,
     TrainingConfig,
     TrainingError,
     TrainingProgress,
-    budget_steps,
-    configure_threads,
     load_spec,
-    main,
     result_path,
     save_spec,
 )

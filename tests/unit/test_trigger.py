@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from registry.versions import register
 from retrain.jobs import active_job, claim
 from retrain.policy import TriggerConfig
-from retrain.registry import register
 from retrain.trigger import QualitySignal, Trigger
-from serving.routing import RoutingTable
-from serving.store import Store
+from store import Store
+from store.adapters import RoutingTable
 from tests.unit.conftest import write_adapter
 from tests.unit.views import exchange_record
 

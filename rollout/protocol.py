@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from retrain.rollout_control import CommandView, RolloutView
+from rollout.control import CommandView, RolloutView
 
 
 class RolloutStartRequest(BaseModel):

@@ -7,14 +7,14 @@ or rolled back the moment a guard fails.
        +------------+-------------+--> paused          (no decision by the stage's deadline,
                                                          or a person said so; resumed by one)
 
-Pure, like the trigger: `decide(config, state, observation) -> Transition` judges one look
+Pure, like the trigger: `decide_rollout(config, state, observation) -> Transition` judges one look
 (the scheduler's rollout job calls it once per interval), and `command(state, name, now)`
 judges what a person asks (pause, resume, promote, rollback). Neither reads the store or a
-clock; retrain/rollout_runner.py gathers the evidence, applies the transition (routing
+clock; rollout/runner.py gathers the evidence, applies the transition (routing
 table, engine, registry) and records it as an event with its reason and figures.
 
 What a look needs before the rollout moves on:
-- no guard failed (retrain/guards.py: confidence sequences over ALL the rollout's evidence,
+- no guard failed (rollout/guards.py: confidence sequences over ALL the rollout's evidence,
   so looking every interval costs no extra false rollbacks); a failed guard rolls back at
   once, in any stage;
 - the stage has lasted `stage_min_s` and gathered its own minimum of candidate samples
@@ -34,12 +34,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from retrain.guards import GuardConfig, GuardResult, Judgement
+from rollout.guards.types import GuardConfig, GuardResult, Judgement
 
 Stage = Literal["shadow", "canary", "paused", "promoted", "rolled_back"]
 Action = Literal["none", "advance", "promote", "rollback", "pause", "resume"]
 Command = Literal["pause", "resume", "promote", "rollback"]
-ACTIVE: tuple[Stage, ...] = ("shadow", "canary", "paused")
+ACTIVE_STAGES: tuple[Stage, ...] = ("shadow", "canary", "paused")
 FINISHED: tuple[Stage, ...] = ("promoted", "rolled_back")
 
 
@@ -85,25 +85,30 @@ class RolloutState:
 
     def weight(self, config: RolloutConfig) -> float:
         """The canary weight the routing table carries in this state."""
-        stage, step = self.paused_from if self.stage == "paused" and self.paused_from else (
-            self.stage, self.step
-        )  # fmt: skip
+        stage, step = (
+            self.paused_from
+            if self.stage == "paused" and self.paused_from
+            else (self.stage, self.step)
+        )
         return config.steps[step] if stage == "canary" else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "stage": self.stage, "step": self.step,
+            "stage": self.stage,
+            "step": self.step,
             "stage_started_at": self.stage_started_at.isoformat(),
             "paused_from": list(self.paused_from) if self.paused_from else None,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RolloutState:
         paused = data.get("paused_from")
         return cls(
-            data["stage"], int(data["step"]), datetime.fromisoformat(data["stage_started_at"]),
+            data["stage"],
+            int(data["step"]),
+            datetime.fromisoformat(data["stage_started_at"]),
             (paused[0], int(paused[1])) if paused else None,
-        )  # fmt: skip
+        )
 
 
 def start(now: datetime) -> RolloutState:
@@ -133,12 +138,17 @@ def _short_of_data(result: GuardResult) -> bool:
 
 def _verdicts(judgement: Judgement) -> dict[str, Any]:
     return {
-        r.guard.split(" ")[0]: {
-            "verdict": r.verdict, "estimate": r.estimate, "lower": r.lower, "upper": r.upper,
-            "n_candidate": r.n_candidate, "n_primary": r.n_primary, "reason": r.reason,
+        r.name: {
+            "verdict": r.verdict,
+            "estimate": r.estimate,
+            "lower": r.lower,
+            "upper": r.upper,
+            "n_candidate": r.n_candidate,
+            "n_primary": r.n_primary,
+            "reason": r.reason,
         }
         for r in judgement.results
-    }  # fmt: skip
+    }
 
 
 def _where(config: RolloutConfig, state: RolloutState) -> str:
@@ -149,17 +159,25 @@ def _where(config: RolloutConfig, state: RolloutState) -> str:
     return state.stage
 
 
-def decide(config: RolloutConfig, state: RolloutState, obs: Observation) -> Transition:
+def decide_rollout(config: RolloutConfig, state: RolloutState, obs: Observation) -> Transition:
     """Judge one look: roll back, pause, advance, promote, or wait; say why."""
     figures: dict[str, Any] = {
-        "stage": state.stage, "step": state.step, "weight": state.weight(config),
-        "stage_samples": obs.stage_samples, "guards": _verdicts(obs.judgement),
-        "verdict": obs.judgement.verdict, "alpha": obs.judgement.alpha,
-    }  # fmt: skip
+        "stage": state.stage,
+        "step": state.step,
+        "weight": state.weight(config),
+        "stage_samples": obs.stage_samples,
+        "guards": _verdicts(obs.judgement),
+        "verdict": obs.judgement.verdict,
+        "alpha": obs.judgement.alpha,
+    }
 
     def move(action: Action, reason: str, to: RolloutState) -> Transition:
-        return Transition(to, action, reason, {**figures, "to_stage": to.stage, "to_step": to.step,
-                                                "to_weight": to.weight(config)})  # fmt: skip
+        return Transition(
+            to,
+            action,
+            reason,
+            {**figures, "to_stage": to.stage, "to_step": to.step, "to_weight": to.weight(config)},
+        )
 
     if state.stage not in ("shadow", "canary"):
         return Transition(state, "none", f"{state.stage}: nothing to judge", figures)
@@ -167,8 +185,11 @@ def decide(config: RolloutConfig, state: RolloutState, obs: Observation) -> Tran
     failed = [r for r in obs.judgement.results if r.verdict == "fail"]
     if failed:
         reason = "; ".join(r.reason for r in failed)
-        return move("rollback", f"{where}: {reason} -> roll back", replace(
-            state, stage="rolled_back", stage_started_at=obs.now, paused_from=None))  # fmt: skip
+        return move(
+            "rollback",
+            f"{where}: {reason} -> roll back",
+            replace(state, stage="rolled_back", stage_started_at=obs.now, paused_from=None),
+        )
 
     elapsed = obs.now - state.stage_started_at
     needed = config.shadow_min_pairs if state.stage == "shadow" else config.step_min_samples
@@ -217,9 +238,13 @@ def command(config: RolloutConfig, state: RolloutState, name: Command, now: date
         resumed = RolloutState(stage, step, now)
         return Transition(resumed, "resume", f"resumed by hand: {_where(config, resumed)}")
     if name == "promote":
-        return Transition(RolloutState("promoted", state.step, now), "promote",
-                          f"{where}: promoted by hand")  # fmt: skip
+        return Transition(
+            RolloutState("promoted", state.step, now), "promote", f"{where}: promoted by hand"
+        )
     if name == "rollback":
-        return Transition(RolloutState("rolled_back", state.step, now), "rollback",
-                          f"{where}: rolled back by hand")  # fmt: skip
+        return Transition(
+            RolloutState("rolled_back", state.step, now),
+            "rollback",
+            f"{where}: rolled back by hand",
+        )
     raise RolloutRefusal(f"unknown command {name!r}: pause, resume, promote or rollback")

@@ -117,99 +117,31 @@ scores outside their range) raise ValueError naming the value.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 
-Verdict = Literal["pass", "fail", "inconclusive"]
-GuardName = Literal["quality", "latency", "errors"]
-
-ALPHA = 0.05
-QUALITY_MARGIN = 0.02  # non-inferiority: the candidate may be at most 2 points worse
-LATENCY_MAX_RATIO = 1.2  # geometric-mean latency at most 1.2x the primary's
-ERROR_MARGIN = 0.01  # error rate at most 1 point above the primary's
-MIN_SAMPLES = 30  # per side (pairs in shadow) before any verdict
-PLANNED_SAMPLES = 200  # effective samples where the CS is tightest (~ a 10-minute CPU rollout)
-
-
-# --- Evidence, summarised -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Sufficient statistics of one side's outcomes: what a guard needs, O(1) to keep.
-
-    The rollout can keep one per side and metric and `merge` each interval's into it, rather
-    than re-read every exchange. `log` marks a summary of log values (latencies: the guard
-    judges log seconds). `invalid` counts the values left out as non-finite (or <= 0 for a
-    log): any of them makes a guard inconclusive, since a NaN is a bug upstream, not a score.
-    """
-
-    n: int
-    mean: float = 0.0
-    m2: float = 0.0  # sum of squared deviations from the mean
-    low: float = math.inf  # smallest value seen
-    high: float = -math.inf  # largest value seen
-    invalid: int = 0
-    log: bool = False
-
-    def __post_init__(self) -> None:
-        if self.n < 0 or self.invalid < 0:
-            raise ValueError(f"counts must not be negative, got n={self.n}, invalid={self.invalid}")
-
-    @classmethod
-    def of(cls, values: Sequence[float] | np.ndarray, *, log: bool = False) -> Summary:
-        """Summarise raw values (of their logarithms with `log`, e.g. latency in seconds)."""
-        x = np.asarray(values, dtype=float).ravel()
-        ok = np.isfinite(x)
-        if log:
-            ok &= x > 0
-        x = x[ok]
-        invalid = int(ok.size - x.size)
-        if log:
-            x = np.log(x)
-        if x.size == 0:
-            return cls(0, invalid=invalid, log=log)
-        mean = float(x.mean())
-        return cls(
-            n=int(x.size),
-            mean=mean,
-            m2=float(((x - mean) ** 2).sum()),
-            low=float(x.min()),
-            high=float(x.max()),
-            invalid=invalid,
-            log=log,
-        )
-
-    def merge(self, other: Summary) -> Summary:
-        """The summary of both samples together (Chan et al.'s parallel update)."""
-        if self.log != other.log:
-            raise ValueError("cannot merge a summary of log values with one of plain values")
-        n = self.n + other.n
-        if n == 0:
-            return Summary(0, invalid=self.invalid + other.invalid, log=self.log)
-        delta = other.mean - self.mean
-        return Summary(
-            n=n,
-            mean=self.mean + delta * other.n / n,
-            m2=self.m2 + other.m2 + delta * delta * self.n * other.n / n,
-            low=min(self.low, other.low),
-            high=max(self.high, other.high),
-            invalid=self.invalid + other.invalid,
-            log=self.log,
-        )
-
-    @property
-    def variance(self) -> float:
-        return self.m2 / (self.n - 1) if self.n > 1 else math.nan
-
-
-Values = Sequence[float] | np.ndarray | Summary
+from rollout.guards.types import (
+    ALPHA,
+    ERROR_MARGIN,
+    LATENCY_MAX_RATIO,
+    MIN_SAMPLES,
+    PLANNED_SAMPLES,
+    QUALITY_MARGIN,
+    Evidence,
+    Guard,
+    GuardConfig,
+    GuardResult,
+    Judgement,
+    Summary,
+    Values,
+    Verdict,
+    check_parameters,
+)
 
 
 def _bounded_variance(s: Summary, low: float, high: float) -> float:
@@ -225,61 +157,7 @@ def _bounded_variance(s: Summary, low: float, high: float) -> float:
     return m2 / (n - 1)
 
 
-# --- Results --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GuardResult:
-    """One guard at one look: the verdict, the figures behind it, and why, for people.
-
-    `estimate`, `lower` and `upper` are the difference candidate - primary and its confidence
-    sequence at this look (for latency: the ratio of geometric means and its CS); None when
-    the guard could not compute them. Each bound is one-sided at `alpha`. For the paired
-    guard `n_candidate` and `n_primary` are both the number of pairs.
-    """
-
-    guard: str
-    verdict: Verdict
-    estimate: float | None
-    lower: float | None
-    upper: float | None
-    n_candidate: int
-    n_primary: int
-    alpha: float
-    reason: str
-    figures: dict[str, Any] = field(default_factory=dict)  # JSON-ready, for the event
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """A one-shot paired test from scipy, for the shadow report: a figure, not a verdict.
-
-    Its p-value holds at one look planned in advance; looked at again and again it is not
-    valid (use `quality_paired`'s CS for verdicts). None when there is nothing to test.
-    """
-
-    test: str
-    statistic: float | None
-    p_value: float | None
-    n_pairs: int
-    n_informative: int  # pairs that differ (the ones these tests use)
-    reason: str
-
-
 # --- The confidence sequence ----------------------------------------------------------------
-
-
-def _check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, numbers.Real) and 0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
-
-
-def _check_common(alpha: float, min_samples: int, planned_samples: float) -> None:
-    _check_alpha(alpha)
-    if min_samples < 2:
-        raise ValueError(f"min_samples must be at least 2, got {min_samples!r}")
-    if not planned_samples >= 1:
-        raise ValueError(f"planned_samples must be at least 1, got {planned_samples!r}")
 
 
 @lru_cache(maxsize=64)
@@ -368,7 +246,8 @@ def _refusal(cand: Summary, prim: Summary, min_samples: int, paired: bool = Fals
 
 
 def _inconclusive(
-    guard: str,
+    name: Guard,
+    label: str,
     why: str,
     cand: Summary,
     prim: Summary,
@@ -377,7 +256,8 @@ def _inconclusive(
     figures: dict[str, Any] | None = None,
 ) -> GuardResult:
     return GuardResult(
-        guard,
+        name,
+        label,
         "inconclusive",
         estimate,
         None,
@@ -385,7 +265,7 @@ def _inconclusive(
         cand.n,
         prim.n,
         alpha,
-        f"{guard}: {why} -> inconclusive",
+        f"{label}: {why} -> inconclusive",
         {**(figures or {}), "refusal": why},
     )
 
@@ -403,7 +283,8 @@ def _d(x: float) -> str:
 
 
 def _bounded_comparison(
-    guard: str,
+    name: Guard,
+    label: str,
     candidate: Values,
     primary: Values,
     what: str,
@@ -421,11 +302,38 @@ def _bounded_comparison(
     why = _refusal(cand, prim, min_samples)
     if why is not None:
         estimate = cand.mean - prim.mean if cand.n and prim.n else None
-        return _inconclusive(guard, why, cand, prim, alpha, estimate, figures)
+        return _inconclusive(name, label, why, cand, prim, alpha, estimate, figures)
     variances = (_bounded_variance(cand, 0, 1), _bounded_variance(prim, 0, 1))
     iv = _two_sample(cand, prim, variances, alpha, planned_samples)
     assert iv is not None  # bounded variances are > 0
     return cand, prim, iv
+
+
+def _judged(
+    name: Guard,
+    label: str,
+    verdict: Verdict,
+    iv: _Interval,
+    n_candidate: int,
+    n_primary: int,
+    alpha: float,
+    reason: str,
+    figures: dict[str, Any],
+) -> GuardResult:
+    """The result of a guard judged on a difference's CS."""
+    return GuardResult(
+        name,
+        label,
+        verdict,
+        iv.estimate,
+        iv.lower,
+        iv.upper,
+        n_candidate,
+        n_primary,
+        alpha,
+        reason,
+        figures,
+    )
 
 
 def _noninferiority_verdict(iv: _Interval, margin: float) -> tuple[Verdict, str]:
@@ -470,13 +378,21 @@ def quality_noninferiority(
     Fails when the CS of mean(candidate) - mean(primary) lies below 0; passes when its lower
     bound is above -margin; else inconclusive.
     """
-    _check_common(alpha, min_samples, planned_samples)
+    check_parameters(alpha, min_samples, planned_samples)
     if not margin >= 0:
         raise ValueError(f"margin must not be negative, got {margin!r}")
-    guard = "quality" if metric == "quality" else f"quality ({metric})"
+    label = "quality" if metric == "quality" else f"quality ({metric})"
     figures: dict[str, Any] = {"metric": metric, "margin": margin, "paired": False}
     compared = _bounded_comparison(
-        guard, candidate, primary, f"{metric} scores", alpha, min_samples, planned_samples, figures
+        Guard.QUALITY,
+        label,
+        candidate,
+        primary,
+        f"{metric} scores",
+        alpha,
+        min_samples,
+        planned_samples,
+        figures,
     )
     if isinstance(compared, GuardResult):
         return compared
@@ -493,9 +409,7 @@ def quality_noninferiority(
         "stderr": iv.stderr,
         "effective_samples": iv.tau,
     }
-    return GuardResult(
-        guard, verdict, iv.estimate, iv.lower, iv.upper, cand.n, prim.n, alpha, reason, figures
-    )
+    return _judged(Guard.QUALITY, label, verdict, iv, cand.n, prim.n, alpha, reason, figures)
 
 
 def quality_paired(
@@ -514,7 +428,7 @@ def quality_paired(
     CS is one-sample, in [-1, 1]. `min_samples` counts pairs. The one-shot scipy tests for
     the report are in `paired_test`.
     """
-    _check_common(alpha, min_samples, planned_samples)
+    check_parameters(alpha, min_samples, planned_samples)
     if not margin >= 0:
         raise ValueError(f"margin must not be negative, got {margin!r}")
     c = np.asarray(candidate, dtype=float).ravel()
@@ -524,7 +438,7 @@ def quality_paired(
     diff = _summary(c - p, what=f"paired {metric} differences")
     _check_range(Summary.of(c), 0.0, 1.0, f"candidate {metric} scores")
     _check_range(Summary.of(p), 0.0, 1.0, f"primary {metric} scores")
-    guard = "quality (paired)" if metric == "quality" else f"quality ({metric}, paired)"
+    label = "quality (paired)" if metric == "quality" else f"quality ({metric}, paired)"
     figures: dict[str, Any] = {
         "metric": metric,
         "margin": margin,
@@ -534,7 +448,7 @@ def quality_paired(
     why = _refusal(diff, diff, min_samples, paired=True)
     if why is not None:
         estimate = diff.mean if diff.n else None
-        return _inconclusive(guard, why, diff, diff, alpha, estimate, figures)
+        return _inconclusive(Guard.QUALITY, label, why, diff, diff, alpha, estimate, figures)
     var = _bounded_variance(diff, -1.0, 1.0)
     stderr = math.sqrt(var / diff.n)
     radius = stderr * boundary(diff.n, alpha, planned_samples)
@@ -548,9 +462,7 @@ def quality_paired(
         f"(each bound {_pct(alpha)}, all looks); {rule}"
     )
     figures |= {"candidate_mean": cm, "primary_mean": pm, "stderr": stderr}
-    return GuardResult(
-        guard, verdict, iv.estimate, iv.lower, iv.upper, diff.n, diff.n, alpha, reason, figures
-    )
+    return _judged(Guard.QUALITY, label, verdict, iv, diff.n, diff.n, alpha, reason, figures)
 
 
 def latency_ratio(
@@ -569,12 +481,12 @@ def latency_ratio(
     latencies the empirical p95 ratio is reported as a figure (not judged: see the module
     docstring).
     """
-    _check_common(alpha, min_samples, planned_samples)
+    check_parameters(alpha, min_samples, planned_samples)
     if not max_ratio >= 1:
         raise ValueError(f"max_ratio must be at least 1, got {max_ratio!r}")
     cand = _summary(candidate, log=True, what="candidate latency")
     prim = _summary(primary, log=True, what="primary latency")
-    guard = "latency"
+    label = "latency"
     figures: dict[str, Any] = {"max_ratio": max_ratio}
     p95 = ""
     if not isinstance(candidate, Summary) and not isinstance(primary, Summary):
@@ -589,10 +501,12 @@ def latency_ratio(
     why = _refusal(cand, prim, min_samples)
     if why is not None:
         estimate = math.exp(cand.mean - prim.mean) if cand.n and prim.n else None
-        return _inconclusive(guard, why, cand, prim, alpha, estimate, figures)
+        return _inconclusive(Guard.LATENCY, label, why, cand, prim, alpha, estimate, figures)
     iv = _two_sample(cand, prim, (cand.variance, prim.variance), alpha, planned_samples)
     if iv is None:
-        return _inconclusive(guard, "every latency identical: no spread", cand, prim, alpha)
+        return _inconclusive(
+            Guard.LATENCY, label, "every latency identical: no spread", cand, prim, alpha
+        )
     ratio, lower, upper = math.exp(iv.estimate), math.exp(iv.lower), math.exp(iv.upper)
     verdict, rule = _above_verdict(iv.lower, iv.upper, f"{max_ratio:g}x", math.log(max_ratio))
     reason = (
@@ -607,7 +521,9 @@ def latency_ratio(
         "log_stderr": iv.stderr,
         "effective_samples": iv.tau,
     }
-    return GuardResult(guard, verdict, ratio, lower, upper, cand.n, prim.n, alpha, reason, figures)
+    return GuardResult(
+        Guard.LATENCY, label, verdict, ratio, lower, upper, cand.n, prim.n, alpha, reason, figures
+    )
 
 
 def error_rate(
@@ -624,13 +540,21 @@ def error_rate(
     Fails when the CS of candidate - primary error rate lies above `margin`; passes when it
     lies below; else inconclusive.
     """
-    _check_common(alpha, min_samples, planned_samples)
+    check_parameters(alpha, min_samples, planned_samples)
     if not margin >= 0:
         raise ValueError(f"margin must not be negative, got {margin!r}")
-    guard = "errors"
+    label = "errors"
     figures: dict[str, Any] = {"margin": margin}
     compared = _bounded_comparison(
-        guard, candidate, primary, "errors", alpha, min_samples, planned_samples, figures
+        Guard.ERRORS,
+        label,
+        candidate,
+        primary,
+        "errors",
+        alpha,
+        min_samples,
+        planned_samples,
+        figures,
     )
     if isinstance(compared, GuardResult):
         return compared
@@ -649,134 +573,10 @@ def error_rate(
         "stderr": iv.stderr,
         "effective_samples": iv.tau,
     }
-    return GuardResult(
-        guard, verdict, iv.estimate, iv.lower, iv.upper, cand.n, prim.n, alpha, reason, figures
-    )
-
-
-def paired_test(
-    candidate: Sequence[float] | np.ndarray,
-    primary: Sequence[float] | np.ndarray,
-    *,
-    binary: bool | None = None,
-) -> PairedTest:
-    """One-shot two-sided paired test of candidate vs primary on the same prompts (scipy).
-
-    Pass/fail scores (`binary`, or every score 0 or 1 when None): the exact sign test on the
-    discordant pairs, i.e. exact McNemar (`scipy.stats.binomtest(k, n, 0.5)`, k the pairs
-    only the candidate got right, n all discordant pairs). Continuous scores: the Wilcoxon
-    signed-rank test (`scipy.stats.wilcoxon` on the differences, zero differences dropped).
-    Valid at one look planned in advance; a figure for the shadow report, never a verdict.
-    """
-    c = np.asarray(candidate, dtype=float).ravel()
-    p = np.asarray(primary, dtype=float).ravel()
-    if c.shape != p.shape:
-        raise ValueError(f"paired scores need one primary per candidate, got {c.size} vs {p.size}")
-    if binary is None:
-        binary = bool(np.isin(c, (0.0, 1.0)).all() and np.isin(p, (0.0, 1.0)).all())
-    test = "exact McNemar (sign test on discordant pairs)" if binary else "Wilcoxon signed-rank"
-    bad = int((~(np.isfinite(c) & np.isfinite(p))).sum())
-    if bad:
-        return PairedTest(test, None, None, c.size, 0, f"{test}: {bad} non-finite pairs -> not run")
-    diff = c - p
-    informative = int(np.count_nonzero(diff))
-    if informative == 0:
-        why = f"{test}: no pair of the {c.size} differs -> not run"
-        return PairedTest(test, None, None, c.size, 0, why)
-    if binary:
-        if not (np.isin(c, (0.0, 1.0)).all() and np.isin(p, (0.0, 1.0)).all()):
-            raise ValueError("binary paired scores must be 0 or 1")
-        wins = int((diff > 0).sum())
-        result = stats.binomtest(wins, informative, 0.5)
-        statistic, p_value = float(wins), float(result.pvalue)
-        detail = f"candidate alone right on {wins} of {informative} discordant pairs"
-    else:
-        result = stats.wilcoxon(diff[diff != 0])
-        statistic, p_value = float(result.statistic), float(result.pvalue)
-        detail = f"{informative} nonzero differences, W = {statistic:g}"
-    reason = (
-        f"{test} on {c.size} pairs: {detail}, p = {p_value:.3g} "
-        "(one-shot: valid at one planned look only)"
-    )
-    return PairedTest(test, statistic, p_value, c.size, informative, reason)
+    return _judged(Guard.ERRORS, label, verdict, iv, cand.n, prim.n, alpha, reason, figures)
 
 
 # --- All guards together --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """The guards' thresholds and their error budget for one rollout.
-
-    The defaults fit a small CPU box (about 1 request/s: a 10-minute rollout gathers ~150
-    effective samples). A bigger engine should raise `planned_samples` to the effective
-    samples its rollout gathers (bench/rollout.py prints them and what the targets need).
-    """
-
-    alpha: float = ALPHA  # false-rollback rate of the whole rollout, all guards and looks
-    quality_margin: float = QUALITY_MARGIN  # passes when not worse by more than this
-    latency_max_ratio: float = LATENCY_MAX_RATIO  # fails when credibly slower than this
-    error_margin: float = ERROR_MARGIN  # fails when credibly more errors than primary + this
-    min_samples: int = MIN_SAMPLES  # per side (pairs in shadow) before any verdict
-    planned_samples: float = PLANNED_SAMPLES  # effective samples where the CS is tightest
-    quality_metric: str = "exact match"  # the score's name, for the reasons
-    guards: tuple[GuardName, ...] = ("quality", "latency", "errors")  # the ones alpha is split on
-
-    def __post_init__(self) -> None:
-        _check_common(self.alpha, self.min_samples, self.planned_samples)
-        if not self.quality_margin >= 0:
-            raise ValueError(f"quality_margin must not be negative, got {self.quality_margin!r}")
-        if not self.error_margin >= 0:
-            raise ValueError(f"error_margin must not be negative, got {self.error_margin!r}")
-        if not self.latency_max_ratio >= 1:
-            raise ValueError(
-                f"latency_max_ratio must be at least 1, got {self.latency_max_ratio!r}"
-            )
-        if not self.guards or len(set(self.guards)) != len(self.guards):
-            raise ValueError(f"guards must name each guard once, got {self.guards!r}")
-        unknown = set(self.guards) - {"quality", "latency", "errors"}
-        if unknown:
-            raise ValueError(f"unknown guards {sorted(unknown)}")
-
-    @property
-    def alpha_per_guard(self) -> float:
-        """Bonferroni: each guard that can fail gets an equal share of the rollout's alpha."""
-        return self.alpha / len(self.guards)
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Everything gathered so far in the rollout, per request, for each side.
-
-    Raw values or `Summary`s (latency: of log seconds). With `paired_quality` (shadow), the
-    quality scores are aligned pairs on the same prompts, raw values only.
-    """
-
-    quality_candidate: Values = ()  # scores in [0, 1]
-    quality_primary: Values = ()
-    latency_candidate: Values = ()  # seconds
-    latency_primary: Values = ()
-    errors_candidate: Values = ()  # 1: the request failed, 0: it did not
-    errors_primary: Values = ()
-    paired_quality: bool = False
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """All guards at one look: fail if any fails, pass if all pass, else inconclusive."""
-
-    verdict: Verdict
-    results: tuple[GuardResult, ...]
-    alpha: float
-    alpha_per_guard: float
-    reason: str
-
-    def result(self, guard: GuardName) -> GuardResult:
-        """The result of one guard, by its short name."""
-        for r in self.results:
-            if r.guard.split(" ")[0] == guard:
-                return r
-        raise KeyError(guard)
 
 
 def judge(evidence: Evidence, config: GuardConfig | None = None) -> Judgement:
@@ -784,48 +584,32 @@ def judge(evidence: Evidence, config: GuardConfig | None = None) -> Judgement:
     config = config or GuardConfig()
     a = config.alpha_per_guard
     n_min, planned = config.min_samples, config.planned_samples
+    metric = evidence.quality_metric.replace("_", " ")  # the reasons' name: "exact match"
+    common = {"alpha": a, "min_samples": n_min, "planned_samples": planned}
     results: list[GuardResult] = []
     for guard in config.guards:
-        if guard == "quality" and evidence.paired_quality:
+        if guard == Guard.QUALITY:
             candidate, primary = evidence.quality_candidate, evidence.quality_primary
-            if isinstance(candidate, Summary) or isinstance(primary, Summary):
+            paired = evidence.paired_quality
+            if paired and (isinstance(candidate, Summary) or isinstance(primary, Summary)):
                 raise ValueError("paired quality needs the raw pairs, not summaries")
-            result = quality_paired(
-                candidate,
-                primary,
-                margin=config.quality_margin,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
-                metric=config.quality_metric,
+            compare = quality_paired if paired else quality_noninferiority
+            result = compare(
+                candidate, primary, margin=config.quality_margin, metric=metric, **common
             )
-        elif guard == "quality":
-            result = quality_noninferiority(
-                evidence.quality_candidate,
-                evidence.quality_primary,
-                margin=config.quality_margin,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
-                metric=config.quality_metric,
-            )
-        elif guard == "latency":
+        elif guard == Guard.LATENCY:
             result = latency_ratio(
                 evidence.latency_candidate,
                 evidence.latency_primary,
                 max_ratio=config.latency_max_ratio,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
+                **common,
             )
         else:
             result = error_rate(
                 evidence.errors_candidate,
                 evidence.errors_primary,
                 margin=config.error_margin,
-                alpha=a,
-                min_samples=n_min,
-                planned_samples=planned,
+                **common,
             )
         results.append(result)
     failed = [r for r in results if r.verdict == "fail"]

@@ -1,21 +1,8 @@
 """The rollout job: each tick, carries out what people asked, starts the next candidate, and
 looks once at the rollout in progress: gathers its evidence from the store, asks
-`rollout.decide`, and applies the transition.
+`rollout.machine.decide_rollout`, and applies the transition.
 
-The evidence, all of it since the rollout started (the guards' confidence sequences are
-valid over every look only on the whole stream):
-- quality, paired on the same prompts: a shadow replay against the primary answer it
-  mirrored, where that exchange got a reference (feedback); and golden runs, the candidate's
-  answer against the primary's to the same golden prompt (a golden run of both is started
-  when the rollout starts). Scores per answer from monitor.quality (`metric`, in [0, 1]).
-  The primary's requests stay mirrored to the candidate through the canary steps, so this
-  evidence keeps growing until promotion. Unpaired live canary answers are not compared:
-  different users ask different questions.
-- latency and errors: the candidate's shadow and canary answers against the primary's.
-- agreement: chrF between the candidate's shadow answer and the primary's, reported (and
-  exported) as a figure, never judged: a better adapter disagrees too; likewise scipy's
-  one-shot paired test of the quality pairs (Wilcoxon signed-rank, or exact McNemar for
-  exact match), whose p-value holds at one planned look, not at every look.
+The evidence and what it is: rollout/evidence.py.
 
 Applying a transition is one transaction: the rollout row, the routing table, the adapters'
 statuses and its event, so no reader ever sees half of it. The engine is told afterwards:
@@ -30,22 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 
-from monitor.quality import AnswerMetric, answer_score, normalise
-from monitor.traffic import exchanges_since
-from monitor.window import ExchangeView
-from retrain import metrics, rollout_control
-from retrain.guards import Evidence, judge, paired_test
-from retrain.registry import change_status, status_counts
-from retrain.rollout import (
+from monitor.quality import answer_score
+from monitor.window import AnswerMetric
+from registry.versions import change_status, status_counts
+from rollout import control, metrics
+from rollout.control import CommandView
+from rollout.evidence import Score, gather
+from rollout.guards.sequences import judge
+from rollout.machine import (
     FINISHED,
     Observation,
     RolloutConfig,
@@ -53,21 +39,16 @@ from retrain.rollout import (
     RolloutState,
     Transition,
     command,
-    decide,
+    decide_rollout,
     start,
 )
-from retrain.rollout_control import CommandView, config_from_dict, config_to_dict
+from rollout.repository import config_to_dict, load, load_active, write_state
 from serving.engine import EngineClient, EngineUnavailableError, InvalidAdapterError
-from serving.exchange import BASE_LABEL
-from serving.routing import RoutingTable
-from serving.store import (
-    Adapter,
-    ControllerState,
-    Event,
-    Rollout,
-    Store,
-    add_routing_change,
-)
+from store import Store
+from store.adapters import Adapter, RoutingTable, add_routing_change
+from store.base import json_safe
+from store.events import ControllerState, Event
+from store.rollouts import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -82,110 +63,21 @@ class RunnerConfig:
     drain_s: float = 15.0  # between leaving the routing table and leaving vLLM
 
 
-@dataclass(frozen=True)
-class Gathered:
-    evidence: Evidence
-    stage_samples: int
-    figures: dict[str, Any]
-
-
-def gather(
-    store: Store, row: Rollout, state: RolloutState, metric: AnswerMetric,
-    score: Callable[[str, str], float],
-) -> Gathered:  # fmt: skip
-    """The rollout's evidence from the store (see the module doc)."""
-    primary_label = row.baseline or BASE_LABEL
-    candidate = exchanges_since(
-        store, row.candidate, row.created_at, ("shadow", "canary", "golden")
-    )
-    primary = exchanges_since(store, primary_label, row.created_at, ("primary", "golden"))
-    by_id = {e.id: e for e in primary}
-    shadow = [e for e in candidate if e.route == "shadow"]
-    mirrored = [(e, by_id[e.parent_id]) for e in shadow if e.parent_id in by_id]
-    pairs = [
-        (score(c.response or "", p.reference or ""), score(p.response or "", p.reference or ""))
-        for c, p in mirrored
-        if c.ok and p.ok and p.reference is not None
-    ]
-    pairs += _golden_pairs(candidate, primary, score)
-    agreement = [
-        answer_score(c.response or "", p.response or "", "chrf")
-        for c, p in mirrored
-        if c.ok and p.ok
-    ]
-    served = [e for e in candidate if e.route in ("shadow", "canary")]
-    answered = [e for e in primary if e.route == "primary"]
-    evidence = Evidence(
-        quality_candidate=[c for c, _ in pairs], quality_primary=[p for _, p in pairs],
-        paired_quality=True,
-        latency_candidate=[e.latency_seconds for e in served if e.ok],
-        latency_primary=[e.latency_seconds for e in answered if e.ok],
-        errors_candidate=[float(not e.ok) for e in served],
-        errors_primary=[float(not e.ok) for e in answered],
-    )  # fmt: skip
-    route = "shadow" if state.stage == "shadow" else "canary"
-    stage_samples = sum(
-        1 for e in served if e.route == route and e.created_at >= state.stage_started_at
-    )
-    paired = paired_test([c for c, _ in pairs], [p for _, p in pairs],
-                         binary=metric == "exact_match")  # fmt: skip
-    figures = {
-        "metric": metric,
-        "paired_test": {"test": paired.test, "p_value": paired.p_value, "reason": paired.reason},
-        "quality_pairs": len(pairs),
-        "quality_candidate": _mean([c for c, _ in pairs]),
-        "quality_primary": _mean([p for _, p in pairs]),
-        "shadow_pairs": len(mirrored),
-        "agreement": _mean(agreement),
-        "latency_p95_candidate": _p95([e.latency_seconds for e in served if e.ok]),
-        "latency_p95_primary": _p95([e.latency_seconds for e in answered if e.ok]),
-        "candidate_answers": len(served),
-        "primary_answers": len(answered),
-    }
-    return Gathered(evidence, stage_samples, figures)
-
-
-def _golden_pairs(
-    candidate: list[ExchangeView], primary: list[ExchangeView], score: Callable[[str, str], float]
-) -> list[tuple[float, float]]:
-    """The two adapters' golden answers to the same prompt, matched in the order asked."""
-    asked: dict[str, list[ExchangeView]] = {}
-    for e in primary:
-        if e.route == "golden" and e.ok and e.reference is not None:
-            asked.setdefault(normalise(e.prompt), []).append(e)
-    pairs = []
-    for e in candidate:
-        if e.route == "golden" and e.ok and e.reference is not None:
-            waiting = asked.get(normalise(e.prompt))
-            if waiting:
-                p = waiting.pop(0)
-                pairs.append(
-                    (
-                        score(e.response or "", e.reference),
-                        score(p.response or "", p.reference or ""),
-                    )
-                )
-    return pairs
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def _p95(values: list[float]) -> float | None:
-    return float(np.percentile(values, 95)) if values else None
-
-
 def routing_for(state: RolloutState, row: Rollout, config: RolloutConfig) -> RoutingTable:
     """The routing table a rollout in this state stands for."""
     stage = state.paused_from[0] if state.stage == "paused" and state.paused_from else state.stage
     if stage == "shadow":
-        return RoutingTable(primary=row.baseline, shadow=row.candidate,
-                            shadow_fraction=config.shadow_fraction)  # fmt: skip
+        return RoutingTable(
+            primary=row.baseline, shadow=row.candidate, shadow_fraction=config.shadow_fraction
+        )
     if stage == "canary":  # still mirrored: the paired quality evidence keeps growing
-        return RoutingTable(primary=row.baseline, canary=row.candidate,
-                            canary_weight=state.weight(config), shadow=row.candidate,
-                            shadow_fraction=config.shadow_fraction)  # fmt: skip
+        return RoutingTable(
+            primary=row.baseline,
+            canary=row.candidate,
+            canary_weight=state.weight(config),
+            shadow=row.candidate,
+            shadow_fraction=config.shadow_fraction,
+        )
     if stage == "promoted":
         return RoutingTable(primary=row.candidate)
     return RoutingTable(primary=row.baseline)
@@ -204,15 +96,15 @@ class RolloutRunner:
     ) -> None:
         self.store, self.engine, self.config = store, engine, config
         self.golden = golden  # a golden run of every routed adapter (the monitor's)
-        self._scores: dict[tuple[str, str], float] = {}  # (answer, reference) -> score
+        self._scores: dict[tuple[str, str, str], float] = {}  # (metric, answer, ref) -> score
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def tick(self) -> None:
         metrics.publish_registry(await asyncio.to_thread(status_counts, self.store))
         await self._unload_drained()
-        for request in await asyncio.to_thread(rollout_control.pending, self.store):
+        for request in await asyncio.to_thread(control.pending, self.store):
             await self._carry_out(request)
-        active = await asyncio.to_thread(rollout_control.active_rollout, self.store)
+        active = await asyncio.to_thread(control.active_rollout, self.store)
         if active is None:
             if self.config.auto_start:
                 candidate = await asyncio.to_thread(self._next_candidate)
@@ -233,7 +125,7 @@ class RolloutRunner:
                 .limit(1)
             )
             name = session.scalar(query)
-        if name is None or rollout_control.start_refusal(self.store, name):
+        if name is None or control.start_refusal(self.store, name):
             return None
         return name
 
@@ -241,7 +133,7 @@ class RolloutRunner:
 
     async def start(self, adapter: str, *, by: str, reason: str) -> int:
         """Load the candidate and start its rollout in shadow; RolloutRefusal says why not."""
-        refusal = await asyncio.to_thread(rollout_control.start_refusal, self.store, adapter)
+        refusal = await asyncio.to_thread(control.start_refusal, self.store, adapter)
         if refusal:
             raise RolloutRefusal(refusal)
         with self.store.session() as session:
@@ -273,22 +165,35 @@ class RolloutRunner:
         primary = (self.store.routing_table() or RoutingTable()).primary
         with self.store.session() as session:
             row = Rollout(
-                candidate=adapter, baseline=primary, stage=state.stage, step=state.step,
-                stage_started_at=now, created_at=now, config=config_to_dict(config),
-                state={"machine": state.to_dict()},
+                candidate=adapter,
+                baseline=primary,
+                created_at=now,
+                config=config_to_dict(config, self.config.metric),
                 reason=f"started ({by}): {reason}; shadow at {config.shadow_fraction:.0%}",
-            )  # fmt: skip
+            )
+            write_state(row, state)
             session.add(row)
             session.flush()
             table = routing_for(state, row, config)
             add_routing_change(session, table, f"rollout {row.id}: {adapter} in shadow")
             candidate = change_status(session, adapter, "shadow", f"rollout {row.id} started")
             candidate.loaded = True
-            session.add(Event(
-                kind="rollout.started", subject=f"rollout-{row.id}", reason=row.reason,
-                data={"candidate": adapter, "baseline": primary, "by": by, "stage": "shadow",
-                      "step": -1, "weight": 0.0, "config": row.config},
-            ))  # fmt: skip
+            session.add(
+                Event(
+                    kind="rollout.started",
+                    subject=f"rollout-{row.id}",
+                    reason=row.reason,
+                    data={
+                        "candidate": adapter,
+                        "baseline": primary,
+                        "by": by,
+                        "stage": "shadow",
+                        "step": -1,
+                        "weight": 0.0,
+                        "config": row.config,
+                    },
+                )
+            )
             rollout_id = row.id
         metrics.publish_rollout(adapter, state.stage, 0.0)
         log.info("rollout started", extra={"rollout": rollout_id, "candidate": adapter})
@@ -303,26 +208,28 @@ class RolloutRunner:
 
     # looking and moving
 
-    def _score(self, answer: str, reference: str) -> float:
-        key = (answer, reference)
-        if key not in self._scores:
-            self._scores[key] = answer_score(answer, reference, self.config.metric)
-        return self._scores[key]
+    def _score(self, metric: AnswerMetric) -> Score:
+        def score(answer: str, reference: str) -> float:
+            key = (metric, answer, reference)
+            if key not in self._scores:
+                self._scores[key] = answer_score(answer, reference, metric)
+            return self._scores[key]
+
+        return score
 
     def look(self, rollout_id: int) -> Transition:
         """One look at the rollout: decide on its evidence, apply, record."""
         with self.store.session() as session:
-            row = session.get(Rollout, rollout_id)
-            assert row is not None
-            session.expunge(row)
-        config = config_from_dict(row.config)
-        state = RolloutState.from_dict(row.state["machine"])
-        gathered = gather(self.store, row, state, self.config.metric, self._score)
-        judgement = judge(gathered.evidence, config.guards)
+            rollout = load(session, rollout_id)
+        assert rollout is not None
+        metric = rollout.metric or self.config.metric  # the one it started with
+        gathered = gather(self.store, rollout, metric, self._score(metric))
+        judgement = judge(gathered.evidence, rollout.config.guards)
         now = datetime.now(UTC)
-        transition = decide(config, state, Observation(now, gathered.stage_samples, judgement))
+        observation = Observation(now, gathered.stage_samples, judgement)
+        transition = decide_rollout(rollout.config, rollout.state, observation)
         transition = replace(transition, figures={**transition.figures, **gathered.figures})
-        metrics.publish_look(row.candidate, judgement, gathered.figures)
+        metrics.publish_look(rollout.row.candidate, judgement, gathered.figures)
         if transition.action == "none":
             self._note(rollout_id, transition)
         else:
@@ -336,7 +243,7 @@ class RolloutRunner:
             assert row is not None
             row.state = {
                 **row.state,
-                "look": _json(transition.figures),
+                "look": json_safe(transition.figures),
                 "waiting": transition.reason,
             }
 
@@ -344,44 +251,56 @@ class RolloutRunner:
         """The transition in one transaction: rollout row, routing, statuses, unloads, event."""
         now = datetime.now(UTC)
         with self.store.session() as session:
-            row = session.get(Rollout, rollout_id)
-            assert row is not None
-            config = config_from_dict(row.config)
-            before = RolloutState.from_dict(row.state["machine"])
+            rollout = load(session, rollout_id)
+            assert rollout is not None
+            row, config, before = rollout.row, rollout.config, rollout.state
             after = transition.state
-            row.stage, row.step, row.stage_started_at = (
-                after.stage,
-                after.step,
-                after.stage_started_at,
-            )
+            write_state(row, after, look=json_safe(transition.figures))
             row.reason = transition.reason
-            row.state = {"machine": after.to_dict(), "look": _json(transition.figures)}
             if after.stage in FINISHED:
                 row.finished_at = now
             table, old = routing_for(after, row, config), routing_for(before, row, config)
             if table != old or after.stage in FINISHED:
                 add_routing_change(session, table, f"rollout {rollout_id}: {transition.reason}")
             self._statuses(session, row, before, after, transition.reason, now)
-            session.add(Event(
-                kind=f"rollout.{_past(transition.action)}", subject=f"rollout-{rollout_id}",
-                reason=transition.reason,
-                data={**_json(transition.figures), "by": by, "candidate": row.candidate,
-                      "baseline": row.baseline, "stage": after.stage, "step": after.step,
-                      "weight": after.weight(config)},
-            ))  # fmt: skip
+            session.add(
+                Event(
+                    kind=f"rollout.{_past(transition.action)}",
+                    subject=f"rollout-{rollout_id}",
+                    reason=transition.reason,
+                    data={
+                        **json_safe(transition.figures),
+                        "by": by,
+                        "candidate": row.candidate,
+                        "baseline": row.baseline,
+                        "stage": after.stage,
+                        "step": after.step,
+                        "weight": after.weight(config),
+                    },
+                )
+            )
             candidate = row.candidate
         metrics.publish_rollout(candidate, after.stage, after.weight(config))
         if transition.action in ("promote", "rollback"):
             metrics.ROLLOUT_ENDS.labels(
                 "promoted" if transition.action == "promote" else "rolled_back"
             ).inc()
-        log.info("rollout %s: %s", _past(transition.action), transition.reason,
-                 extra={"rollout": rollout_id})  # fmt: skip
+        log.info(
+            "rollout %s: %s",
+            _past(transition.action),
+            transition.reason,
+            extra={"rollout": rollout_id},
+        )
 
     def _statuses(
-        self, session: Any, row: Rollout, before: RolloutState, after: RolloutState, reason: str,
+        self,
+        session: Any,
+        row: Rollout,
+        before: RolloutState,
+        after: RolloutState,
+        reason: str,
         now: datetime,
-    ) -> None:  # fmt: skip
+    ) -> None:
         why = f"rollout {row.id}: {reason}"
         if after.stage == "canary" and before.stage != "canary":
             change_status(session, row.candidate, "canary", why)
@@ -418,9 +337,11 @@ class RolloutRunner:
                 kept.append(entry)  # the next tick tries again
                 continue
             await asyncio.to_thread(
-                self.store.record_event, "adapter.unloaded", "drained after its rollout",
+                self.store.record_event,
+                "adapter.unloaded",
+                "drained after its rollout",
                 entry["adapter"],
-            )  # fmt: skip
+            )
         if len(kept) != len(pending):
             await asyncio.to_thread(self.store.save_state, UNLOADS, {"pending": kept})
 
@@ -430,49 +351,35 @@ class RolloutRunner:
         try:
             if request.command == "start":
                 assert request.adapter is not None
-                rollout_id = await self.start(request.adapter, by=request.by,
-                                              reason=f"asked by {request.by}")  # fmt: skip
+                rollout_id = await self.start(
+                    request.adapter, by=request.by, reason=f"asked by {request.by}"
+                )
                 result = f"rollout {rollout_id} of {request.adapter} started in shadow"
             else:
                 rollout_id, result = await asyncio.to_thread(self._command, request)
         except RolloutRefusal as exc:
-            await asyncio.to_thread(rollout_control.settle, self.store, request.id, "refused",
-                                    str(exc), request.rollout_id)  # fmt: skip
+            await asyncio.to_thread(
+                control.settle, self.store, request.id, "refused", str(exc), request.rollout_id
+            )
             return
-        await asyncio.to_thread(rollout_control.settle, self.store, request.id, "done", result,
-                                rollout_id)  # fmt: skip
+        await asyncio.to_thread(control.settle, self.store, request.id, "done", result, rollout_id)
 
     def _command(self, request: CommandView) -> tuple[int, str]:
-        active = rollout_control.active_rollout(self.store)
+        with self.store.session() as session:
+            active = load_active(session)
         if active is None:
             raise RolloutRefusal(f"no rollout is in progress: nothing to {request.command}")
-        with self.store.session() as session:
-            row = session.get(Rollout, active.id)
-            assert row is not None
-            state, config = (
-                RolloutState.from_dict(row.state["machine"]),
-                config_from_dict(row.config),
-            )
-        transition = command(config, state, request.command, datetime.now(UTC))  # type: ignore[arg-type]
-        self.apply(active.id, transition, by=request.by)
-        return active.id, transition.reason
+        name = request.command
+        transition = command(active.config, active.state, name, datetime.now(UTC))  # type: ignore[arg-type]
+        self.apply(active.row.id, transition, by=request.by)
+        return active.row.id, transition.reason
 
 
 def _past(action: str) -> str:
-    return {"advance": "advanced", "promote": "promoted", "rollback": "rolled_back",
-            "pause": "paused", "resume": "resumed"}.get(action, action)  # fmt: skip
-
-
-def _json(figures: dict[str, Any]) -> dict[str, Any]:
-    """Figures as JSON takes them: no NaN or infinity."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
-    return clean(figures)
+    return {
+        "advance": "advanced",
+        "promote": "promoted",
+        "rollback": "rolled_back",
+        "pause": "paused",
+        "resume": "resumed",
+    }.get(action, action)

@@ -39,8 +39,8 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from retrain import metrics
-from serving.store import Store
+from controller import metrics
+from store import Store
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +136,28 @@ class Scheduler:
         for job in self.jobs:
             _BODIES[job.name] = job.body
             scheduler.add_job(
-                run_job, IntervalTrigger(seconds=job.interval_s, timezone=UTC), args=[job.name],
-                id=job.name, name=job.name, replace_existing=True, max_instances=1,
-                coalesce=True, misfire_grace_time=max(1, round(job.interval_s)),
+                run_job,
+                IntervalTrigger(seconds=job.interval_s, timezone=UTC),
+                args=[job.name],
+                id=job.name,
+                name=job.name,
+                replace_existing=True,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, round(job.interval_s)),
                 next_run_time=_next_run(stored.get(job.name), job.interval_s),
-            )  # fmt: skip
+            )
         for name in stored.keys() - {job.name for job in self.jobs}:
             scheduler.remove_job(name)  # a job this version no longer has
         scheduler.resume()
         self._scheduler = scheduler
         log.info("scheduler leading", extra={"holder": self.holder, "jobs": sorted(_BODIES)})
         self.store.record_event(
-            "scheduler.leading", "took the scheduler lease", self.holder,
+            "scheduler.leading",
+            "took the scheduler lease",
+            self.holder,
             jobs={job.name: job.interval_s for job in self.jobs},
-        )  # fmt: skip
+        )
 
     def _stop(self) -> None:
         assert self._scheduler is not None

@@ -1,5 +1,5 @@
 """The admin API of rollouts (`/admin/rollouts`), mounted on the gateway by the composition
-root behind the admin token. It calls retrain/rollout_control.py, as the CLI does: a request
+root behind the admin token. It calls retrain/control.py, as the CLI does: a request
 is checked at once (409 with the reason when it cannot be done now) and carried out by the
 controller on its next tick (202 with the command to follow)."""
 
@@ -9,11 +9,11 @@ from typing import Literal
 
 from fastapi import APIRouter
 
-from retrain import rollout_control
-from retrain.protocol import CommandInfo, RolloutInfo, RolloutStartRequest
-from retrain.rollout import RolloutRefusal
+from rollout import control
+from rollout.machine import RolloutRefusal
+from rollout.protocol import CommandInfo, RolloutInfo, RolloutStartRequest
 from serving.protocol import OpenAIError
-from serving.store import Store
+from store import Store
 
 
 def rollout_router(store: Store) -> APIRouter:
@@ -21,25 +21,25 @@ def rollout_router(store: Store) -> APIRouter:
 
     def queue(command: str, adapter: str | None = None) -> CommandInfo:
         try:
-            view = rollout_control.request(store, command, adapter=adapter, by="admin api")
+            view = control.request(store, command, adapter=adapter, by="admin api")
         except RolloutRefusal as exc:
             raise OpenAIError(409, str(exc), code="rollout_conflict") from None
         return CommandInfo.of(view)
 
     @router.get("")
     def list_rollouts() -> list[RolloutInfo]:
-        return [RolloutInfo.of(view) for view in rollout_control.rollouts(store)]
+        return [RolloutInfo.of(view) for view in control.rollouts(store)]
 
     @router.get("/current")
     def current() -> RolloutInfo:
-        view = rollout_control.active_rollout(store)
+        view = control.active_rollout(store)
         if view is None:
             raise OpenAIError(404, "No rollout is in progress.", code="no_rollout")
         return RolloutInfo.of(view)
 
     @router.get("/{rollout_id}")
     def one(rollout_id: int) -> RolloutInfo:
-        view = rollout_control.get_rollout(store, rollout_id)
+        view = control.get_rollout(store, rollout_id)
         if view is None:
             raise OpenAIError(404, f"No rollout {rollout_id}.", code="rollout_not_found")
         return RolloutInfo.of(view)
@@ -54,7 +54,7 @@ def rollout_router(store: Store) -> APIRouter:
 
     @router.get("/commands/{command_id}")
     def follow(command_id: int) -> CommandInfo:
-        view = rollout_control.get_command(store, command_id)
+        view = control.get_command(store, command_id)
         if view is None:
             raise OpenAIError(404, f"No rollout command {command_id}.", code="command_not_found")
         return CommandInfo.of(view)

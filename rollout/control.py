@@ -9,7 +9,6 @@ the routing table it owns. `wait` follows a request to its outcome.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,10 +16,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from retrain.guards import GuardConfig
-from retrain.rollout import ACTIVE, Command, RolloutConfig, RolloutRefusal, RolloutState, command
-from serving.routing import RoutingTable
-from serving.store import Adapter, Rollout, RolloutCommand, Store
+from rollout.machine import Command, RolloutRefusal, command
+from rollout.repository import RolloutRecord, load, load_active, load_newest
+from store import Store
+from store.adapters import Adapter, RoutingTable
+from store.rollouts import RolloutCommand
 
 STARTABLE = ("candidate", "registered")  # adapter statuses a rollout may start from
 COMMANDS: tuple[str, ...] = ("start", "pause", "resume", "promote", "rollback")
@@ -42,15 +42,22 @@ class RolloutView:
     look: dict[str, Any]  # the latest look's figures: guards, samples
 
     @classmethod
-    def of(cls, row: Rollout) -> RolloutView:
-        config = config_from_dict(row.config)
-        state = RolloutState.from_dict(row.state["machine"]) if row.state else None
+    def of(cls, rollout: RolloutRecord) -> RolloutView:
+        row, state, config = rollout.row, rollout.state, rollout.config
         return cls(
-            row.id, row.candidate, row.baseline, row.stage, row.step,
-            state.weight(config) if state else 0.0, config.steps, row.created_at,
-            row.stage_started_at, row.finished_at, row.state.get("waiting") or row.reason,
+            row.id,
+            row.candidate,
+            row.baseline,
+            state.stage,
+            state.step,
+            state.weight(config),
+            config.steps,
+            row.created_at,
+            state.stage_started_at,
+            row.finished_at,
+            row.state.get("waiting") or row.reason,
             dict(row.state.get("look") or {}),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -68,39 +75,22 @@ class CommandView:
         return cls(row.id, row.command, row.adapter, row.by, row.status, row.result, row.rollout_id)
 
 
-def config_to_dict(config: RolloutConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(data: dict[str, Any]) -> RolloutConfig:
-    guards = dict(data.get("guards") or {})
-    if "guards" in guards:
-        guards["guards"] = tuple(guards["guards"])
-    return RolloutConfig(
-        **{**data, "steps": tuple(data.get("steps", RolloutConfig().steps)),
-           "guards": GuardConfig(**guards)},
-    )  # fmt: skip
-
-
 def active_rollout(store: Store) -> RolloutView | None:
     with store.session() as session:
-        row = session.scalars(
-            select(Rollout).where(Rollout.stage.in_(ACTIVE)).order_by(Rollout.id).limit(1)
-        ).first()
-        return None if row is None else RolloutView.of(row)
+        rollout = load_active(session)
+        return None if rollout is None else RolloutView.of(rollout)
 
 
 def rollouts(store: Store, limit: int = 20) -> list[RolloutView]:
     """The newest rollouts first."""
     with store.session() as session:
-        rows = session.scalars(select(Rollout).order_by(Rollout.id.desc()).limit(limit))
-        return [RolloutView.of(row) for row in rows]
+        return [RolloutView.of(rollout) for rollout in load_newest(session, limit)]
 
 
 def get_rollout(store: Store, rollout_id: int) -> RolloutView | None:
     with store.session() as session:
-        row = session.get(Rollout, rollout_id)
-        return None if row is None else RolloutView.of(row)
+        rollout = load(session, rollout_id)
+        return None if rollout is None else RolloutView.of(rollout)
 
 
 def start_refusal(store: Store, adapter: str) -> str | None:
@@ -141,16 +131,12 @@ def request(store: Store, name: str, *, adapter: str | None = None, by: str) -> 
         if refusal:
             raise RolloutRefusal(refusal)
     else:
-        active = active_rollout(store)
+        with store.session() as session:
+            active = load_active(session)
         if active is None:
             raise RolloutRefusal(f"no rollout is in progress: nothing to {name}")
-        with store.session() as session:
-            row = session.get(Rollout, active.id)
-            assert row is not None
-            state = RolloutState.from_dict(row.state["machine"])
-            config = config_from_dict(row.config)
-        command(config, state, _command(name), datetime.now(UTC))  # raises what it refuses
-        rollout_id = active.id
+        command(active.config, active.state, _command(name), datetime.now(UTC))  # or refuses
+        rollout_id = active.row.id
     with store.session() as session:
         row = RolloutCommand(command=name, adapter=adapter, by=by, rollout_id=rollout_id)
         session.add(row)

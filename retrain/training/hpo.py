@@ -4,7 +4,7 @@ The method of Oliver & Wang, "Crafting Efficient Fine-Tuning Strategies for Larg
 Models" (arXiv 2407.13906): a Bayesian search (Optuna's TPE sampler, seeded) in which every
 trial trains for only `budget_fraction` (20%) of the full run's steps and is scored by its
 validation loss at that point; only the winner is then trained in full, by the caller, with
-the ordinary `retrain.trainer.train`. A partial run is the first steps of the full run (the
+the ordinary `retrain.training.lora.train`. A partial run is the first steps of the full run (the
 same seed, data order and learning-rate schedule; see `TrainingConfig.budget_fraction`), so
 the 20% score is the full run's own early score, not that of a different, shorter run.
 
@@ -38,13 +38,13 @@ from pathlib import Path
 import optuna
 from scipy.stats import rankdata, spearmanr
 
-from retrain.trainer import (
+from retrain.training.lora import train
+from retrain.training.spec import (
     NonFiniteLossError,
     TrainingConfig,
     TrainingError,
     TrainingResult,
     TrainingSpec,
-    train,
 )
 
 MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank: its server refuses larger adapters
@@ -91,7 +91,7 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class HpoResult:
-    best: TrainingConfig  # the winner's full-budget config: train it with retrain.trainer.train
+    best: TrainingConfig  # the winner's full-budget config: train it with lora.train
     best_trial: int
     trials: tuple[TrialResult, ...]  # every trial, in the order run
     budget_fraction: float

@@ -19,7 +19,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from serving.engine import adapter_fingerprint
-from serving.store import Adapter, Event, Store
+from store import Store
+from store.adapters import Adapter
+from store.events import Event
 
 Status = Literal["registered", "candidate", "shadow", "canary", "primary", "retired", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)
@@ -47,9 +49,17 @@ class AdapterVersion:
     @classmethod
     def of(cls, row: Adapter) -> AdapterVersion:
         return cls(
-            row.name, row.path, row.status, row.loaded, row.parent, row.job_id, row.created_at,
-            row.hyperparameters, row.metrics, row.data,
-        )  # fmt: skip
+            row.name,
+            row.path,
+            row.status,
+            row.loaded,
+            row.parent,
+            row.job_id,
+            row.created_at,
+            row.hyperparameters,
+            row.metrics,
+            row.data,
+        )
 
 
 def family_of(name: str) -> str:
@@ -85,13 +95,26 @@ def register(
     name = next_version(store, family)
     with store.session() as session:
         row = Adapter(
-            name=name, path=str(Path(path).resolve()), fingerprint=fingerprint, loaded=False,
-            status="candidate", parent=parent, job_id=job_id,
-            hyperparameters=hyperparameters or {}, metrics=metrics or {}, data=data or {},
-        )  # fmt: skip
+            name=name,
+            path=str(Path(path).resolve()),
+            fingerprint=fingerprint,
+            loaded=False,
+            status="candidate",
+            parent=parent,
+            job_id=job_id,
+            hyperparameters=hyperparameters or {},
+            metrics=metrics or {},
+            data=data or {},
+        )
         session.add(row)
-        session.add(Event(kind="adapter.registered", subject=name, reason=reason,
-                          data={"parent": parent, "job_id": job_id, "path": row.path}))  # fmt: skip
+        session.add(
+            Event(
+                kind="adapter.registered",
+                subject=name,
+                reason=reason,
+                data={"parent": parent, "job_id": job_id, "path": row.path},
+            )
+        )
         session.flush()
         return AdapterVersion.of(row)
 
@@ -109,8 +132,14 @@ def change_status(session: Session, name: str, status: Status, reason: str) -> A
     if row is None:
         raise RegistryError(f"no adapter named {name!r}")
     previous, row.status = row.status, status
-    session.add(Event(kind="adapter.status", subject=name, reason=reason,
-                      data={"from": previous, "to": status}))  # fmt: skip
+    session.add(
+        Event(
+            kind="adapter.status",
+            subject=name,
+            reason=reason,
+            data={"from": previous, "to": status},
+        )
+    )
     return row
 
 

@@ -1,0 +1,123 @@
+"""The schema's foundation: the declarative base, instants in UTC, the engine, the schema check.
+
+SQLAlchemy 2 with one code path for SQLite (the embedded default, WAL mode) and
+PostgreSQL (several gateways on several hosts). The methods are synchronous; the
+gateway calls them through `asyncio.to_thread` so a slow disk never blocks its event loop.
+The tables live by concern in the modules next to this one; `store.Store` is all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, TypeDecorator, create_engine, event, inspect
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as a JSON column reads it back on both databases: lists for tuples, string
+    keys, and None for NaN and infinity (PostgreSQL's JSON has neither)."""
+    return json.loads(json.dumps(value), parse_constant=lambda _: None)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware instant, written and read back in UTC on every database.
+
+    SQLite has no timestamp type: SQLAlchemy writes the wall-clock text and drops the
+    offset, so a value came back naive, and one not in UTC at the wrong instant (and out
+    of order against the rest). Normalising to UTC on the way in keeps that text in
+    instant order; attaching UTC on the way out gives both databases the same answer.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store needs timezone-aware ones")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+def _enable_sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_db_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _enable_sqlite_wal)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class SchemaMismatchError(RuntimeError):
+    """The database was made by another version of tunewatch; the message says what differs."""
+
+
+def _check_schema(engine: Engine) -> None:
+    """Refuse, with names, a database whose tables lack columns this version needs.
+
+    `create_all` makes missing tables but never alters existing ones. There are no
+    migrations before the first release; until then an old database is refused here
+    rather than failing later, mid-request, on a missing column.
+    """
+    inspector = inspect(engine)
+    missing = [
+        f"{table.name}.{column.name}"
+        for table in Base.metadata.sorted_tables
+        for column in table.columns
+        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
+    ]
+    if missing:
+        raise SchemaMismatchError(
+            f"the database {engine.url.render_as_string(hide_password=True)} was made by an "
+            f"older tunewatch and lacks {', '.join(missing)}; point database_url at a new "
+            "database (schema migrations arrive with the first release)"
+        )
+
+
+class StoreBase:
+    """The engine and its sessions; the reads and writes of each table come with its module."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_db_engine(url)
+        Base.metadata.create_all(self.engine)
+        _check_schema(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
