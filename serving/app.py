@@ -26,6 +26,17 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
+def _accepted(token: str | None, secrets_: list[str]) -> bool:
+    """Whether `token` is one of `secrets_`, in time that does not depend on where they differ.
+
+    Bytes, not str: `compare_digest` refuses non-ASCII str (a 500); every secret is compared,
+    so the time does not tell which one came close either. An empty token never passes."""
+    if not token:
+        return False
+    given = token.encode()
+    return sum(secrets.compare_digest(given, secret.encode()) for secret in secrets_) > 0
+
+
 def create_app(
     gateway: Gateway,
     lifespan_hooks: list[Callable[[], Awaitable[Any]]] | None = None,
@@ -57,7 +68,7 @@ def create_app(
 
     # async: no I/O here, and a sync dependency would cost a worker-thread hop per request.
     async def require_api_key(request: Request) -> None:
-        if config.api_keys and _bearer(request) not in config.api_keys:
+        if config.api_keys and not _accepted(_bearer(request), config.api_keys):
             raise OpenAIError(
                 401,
                 "Missing or invalid API key.",
@@ -66,8 +77,7 @@ def create_app(
             )
 
     async def require_admin(request: Request) -> None:
-        token = _bearer(request)
-        if token is None or not secrets.compare_digest(token, config.admin_token):
+        if not _accepted(_bearer(request), [config.admin_token]):
             raise OpenAIError(
                 401,
                 "Admin API needs 'Authorization: Bearer <admin token>'.",

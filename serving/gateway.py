@@ -53,6 +53,11 @@ class GatewayConfig:
     reconcile_interval_s: float = 5.0
     retry_after_s: int = 5
 
+    def __post_init__(self) -> None:
+        # An empty secret would let `Authorization: Bearer ` through anything that compares.
+        if not self.admin_token or not all(self.api_keys):
+            raise ValueError("the admin token and every API key must be non-empty")
+
 
 class Gateway:
     """The gateway's state: engine client, adapters and routing, recorder, config."""

@@ -7,7 +7,7 @@ TUNEWATCH_GATEWAY__PORT=9000 sets gateway.port.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
 import yaml
@@ -47,9 +47,11 @@ class GatewaySettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     admin_token: SecretStr | None = Field(
-        default=None, description="Bearer token of /admin; unset: generated into the state dir."
+        default=None,
+        min_length=1,
+        description="Bearer token of /admin; unset: generated into the state dir.",
     )
-    api_keys: list[SecretStr] = Field(
+    api_keys: list[Annotated[SecretStr, Field(min_length=1)]] = Field(
         default_factory=list, description="If set, /v1 needs one of these as a bearer token."
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)

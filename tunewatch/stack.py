@@ -30,7 +30,7 @@ from serving.model import ensure_identity_adapter, is_prepared, model_dir_of, pr
 from serving.supervisor import ProcessStartError, SupervisedProcess
 from store import Store
 from tunewatch import prometheus
-from tunewatch.settings import Settings
+from tunewatch.settings import Settings, SettingsError
 
 log = logging.getLogger("tunewatch")
 
@@ -56,7 +56,15 @@ def admin_token(settings: Settings) -> str:
         token_file.parent.mkdir(parents=True, exist_ok=True)
         token_file.touch(mode=0o600)
         token_file.write_text(secrets.token_urlsafe(32) + "\n")
-    return token_file.read_text().strip()
+    if token_file.stat().st_mode & 0o077:
+        raise SettingsError(
+            f"{token_file} is readable by others (mode {token_file.stat().st_mode & 0o777:o}): "
+            f"chmod 600 it"
+        )
+    token = token_file.read_text().strip()
+    if not token:
+        raise SettingsError(f"{token_file} is empty: delete it to have a new token generated")
+    return token
 
 
 def prepare(settings: Settings) -> tuple[Path, Path]:

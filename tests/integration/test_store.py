@@ -330,3 +330,14 @@ def test_a_database_from_an_older_schema_is_refused_with_the_missing_columns(tmp
         SchemaMismatchError, match=r"lacks adapters\.fingerprint, .*adapters\.status"
     ):
         Store(f"sqlite:///{path}")
+
+
+def test_a_new_sqlite_database_and_its_wal_are_private(tmp_path) -> None:
+    path = tmp_path / "private.db"
+    store = Store(f"sqlite:///{path}")
+    store.record_exchanges([exchange()])
+    try:
+        for each in (path, path.with_name("private.db-wal")):
+            assert each.stat().st_mode & 0o777 == 0o600, each
+    finally:
+        store.close()

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.gateway import EXCHANGE_HEADER
+from serving.gateway import EXCHANGE_HEADER, GatewayConfig
 from serving.routing import unit_hash
 from store.adapters import RoutingTable
 
@@ -918,3 +918,30 @@ def test_nothing_is_left_in_flight_after_answers_and_broken_streams(gw) -> None:
     gw.client.post("/v1/completions", json={**body, "stream": True})
     labels = frozenset({"route": "pinned", "adapter": "metrics-inflight"}.items())
     assert scrape(gw)[("tunewatch_requests_in_flight", labels)] == 0
+
+
+def test_a_non_ascii_admin_token_is_a_401_not_a_500(gw) -> None:
+    response = gw.client.get(
+        "/admin/routing", headers={"authorization": "Bearer t\u00f6ken".encode()}
+    )
+    assert_openai_error(response, 401, "invalid_admin_token")
+
+
+def test_a_non_ascii_api_key_is_a_401_not_a_500(make_harness) -> None:
+    gw = make_harness(api_keys=["sk-good"])
+    response = gw.client.post(
+        "/v1/completions",
+        json={"model": gw.served_model_name, "prompt": "hi"},
+        headers={"authorization": "Bearer sk-g\u00f6\u00f6d".encode()},
+    )
+    assert_openai_error(response, 401, "invalid_api_key")
+
+
+def test_an_empty_bearer_token_never_passes_and_an_empty_secret_is_refused(make_harness) -> None:
+    gw = make_harness(api_keys=["sk-good"])
+    response = gw.client.get("/admin/routing", headers={"authorization": "Bearer "})
+    assert_openai_error(response, 401, "invalid_admin_token")
+    with pytest.raises(ValueError, match="non-empty"):
+        GatewayConfig(served_model_name="m", admin_token="")
+    with pytest.raises(ValueError, match="non-empty"):
+        GatewayConfig(served_model_name="m", admin_token="t", api_keys=["sk", ""])

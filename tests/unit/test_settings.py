@@ -136,3 +136,30 @@ def test_a_mistyped_secret_is_named_without_echoing_its_value(tmp_path: Path) ->
     message = str(caught.value)
     assert "gateway.admin_token" in message and "gateway.api_keys.0" in message
     assert "123456789" not in message and "987654321" not in message
+
+
+def test_an_empty_admin_token_or_api_key_is_refused_by_name(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "gateway:\n  admin_token: ''\n  api_keys: ['']\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(config)
+    assert "gateway.admin_token" in str(caught.value)
+    assert "gateway.api_keys.0" in str(caught.value)
+
+
+def test_the_generated_admin_token_file_is_private_and_refused_when_empty_or_shared(
+    tmp_path: Path,
+) -> None:
+    from tunewatch.settings import Settings
+    from tunewatch.stack import admin_token
+
+    settings = Settings(state_dir=tmp_path)
+    token = admin_token(settings)
+    token_file = tmp_path / "admin-token"
+    assert len(token) >= 32 and token_file.stat().st_mode & 0o777 == 0o600
+    token_file.chmod(0o644)
+    with pytest.raises(SettingsError, match="chmod 600"):
+        admin_token(settings)
+    token_file.chmod(0o600)
+    token_file.write_text("\n")
+    with pytest.raises(SettingsError, match="is empty"):
+        admin_token(settings)
