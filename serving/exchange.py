@@ -94,9 +94,9 @@ class ExchangeDraft:
             parent_id=self.parent_id,
             endpoint=self.endpoint,
             user=self.user,
-            prompt=self.request.prompt_text(),
+            prompt=storable(self.request.prompt_text()),
             request=self.request.model_dump(mode="json", exclude_unset=True),
-            response="".join(self.text) if error is None else None,
+            response=storable("".join(self.text)) if error is None else None,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             ttft_seconds=None
@@ -107,8 +107,14 @@ class ExchangeDraft:
             finish_reason=self.finish_reason,
             status="ok" if error is None else "error",
             http_status=http_status,
-            error=error,
+            error=None if error is None else storable(error),
         )
+
+
+def storable(text: str) -> str:
+    """Text PostgreSQL can hold: it refuses NUL in text columns (SQLite takes it), and one
+    such exchange would fail its whole batch."""
+    return text.replace("\x00", "\ufffd")
 
 
 def token_logprobs(logprobs: dict[str, Any] | None) -> list[float]:

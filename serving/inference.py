@@ -9,11 +9,22 @@ from fastapi import APIRouter, Request, Response
 from serving.errors import parse, read_json
 from serving.gateway import USER_HEADER, Gateway
 from serving.protocol import (
+    USER_MAX_CHARS,
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
     FeedbackResponse,
+    OpenAIError,
 )
+
+
+def header_user(request: Request) -> str | None:
+    user = request.headers.get(USER_HEADER)
+    if user is not None and len(user) > USER_MAX_CHARS:
+        raise OpenAIError(
+            400, f"{USER_HEADER} is longer than {USER_MAX_CHARS} characters", param=USER_HEADER
+        )
+    return user
 
 
 def inference_router(gateway: Gateway) -> APIRouter:
@@ -23,12 +34,12 @@ def inference_router(gateway: Gateway) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = parse(ChatCompletionRequest, await read_json(request, limit))
-        return await gateway.infer("chat.completions", body, request.headers.get(USER_HEADER))
+        return await gateway.infer("chat.completions", body, header_user(request))
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
         body = parse(CompletionRequest, await read_json(request, limit))
-        return await gateway.infer("completions", body, request.headers.get(USER_HEADER))
+        return await gateway.infer("completions", body, header_user(request))
 
     @router.get("/models")
     async def models() -> dict[str, Any]:

@@ -40,12 +40,15 @@ class OpenAIError(Exception):
         }
 
 
+USER_MAX_CHARS = 256  # the store's column: a longer one is the client's error, a 400
+
+
 class _PassThrough(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
     stream: bool = False
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=USER_MAX_CHARS)
     stream_options: dict[str, Any] | None = None
 
     def upstream_body(self, **overrides: Any) -> dict[str, Any]:

@@ -5,7 +5,8 @@ task waits `linger_s` after the first arrival, then commits whatever has queued 
 single transaction, on a worker thread. Under
 load that turns hundreds of commits a second into a few, and a slow disk delays the
 record, never the client. `flush` waits until everything submitted so far is written;
-`stop` drains the queue, so a clean shutdown loses nothing.
+`stop` drains the queue, so a clean shutdown loses nothing. A batch the store refuses
+three times is written row by row, so that one bad row loses only itself.
 """
 
 from __future__ import annotations
@@ -62,5 +63,16 @@ class ExchangeRecorder:
             except Exception:  # a locked or unreachable database: retry, then say so
                 log.exception("writing %d exchanges failed (attempt %d)", len(batch), attempt + 1)
                 await asyncio.sleep(0.5 * 2**attempt)
-        metrics.STORE_WRITE_FAILURES.inc(len(batch))
-        log.error("dropped %d exchanges after 3 attempts: %s", len(batch), [e["id"] for e in batch])
+        dropped = [e["id"] for e in batch if not await self._write_one(e)]
+        metrics.STORE_WRITE_FAILURES.inc(len(dropped))
+        if dropped:
+            log.error("dropped %d of %d exchanges: %s", len(dropped), len(batch), dropped)
+
+    async def _write_one(self, exchange: dict[str, Any]) -> bool:
+        """One row alone (in batch order, so a shadow follows its parent); False if refused."""
+        try:
+            await asyncio.to_thread(self.store.record_exchanges, [exchange])
+        except Exception:
+            log.exception("the store refused exchange %s", exchange["id"])
+            return False
+        return True

@@ -8,9 +8,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from serving.exchange import storable
 from serving.recorder import ExchangeRecorder
 from store import Store
 from store.adapters import AdapterNameTakenError, AdapterRecord, RoutingTable
@@ -294,6 +296,30 @@ async def test_the_recorder_writes_everything_submitted_once_flushed(store: Stor
         assert all(store.get_exchange(record["id"]) is not None for record in submitted)
     finally:
         await recorder.stop()
+
+
+async def test_one_row_the_store_refuses_loses_only_itself(store: Store) -> None:
+    taken = exchange()
+    store.record_exchanges([taken])
+    failures = REGISTRY.get_sample_value("tunewatch_store_write_failures_total") or 0.0
+    good = [exchange(), exchange()]
+    recorder = ExchangeRecorder(store, linger_s=0.05)
+    recorder.start()
+    try:
+        for record in (good[0], dict(taken, prompt="a second row under a taken id"), good[1]):
+            recorder.submit(record)
+        await recorder.flush()
+    finally:
+        await recorder.stop()
+    assert all(store.get_exchange(record["id"]) is not None for record in good)
+    assert store.get_exchange(taken["id"]).prompt == taken["prompt"]
+    assert REGISTRY.get_sample_value("tunewatch_store_write_failures_total") == failures + 1
+
+
+def test_text_with_a_nul_is_stored_on_both_databases(store: Store) -> None:
+    record = exchange(prompt=storable("before\x00after"), response=storable("\x00"))
+    store.record_exchanges([record])
+    assert store.get_exchange(record["id"]).prompt == "before\ufffdafter"
 
 
 async def test_the_recorder_writes_a_shadow_submitted_after_its_parent(store: Store) -> None:

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.gateway import EXCHANGE_HEADER, GatewayConfig
+from serving.gateway import EXCHANGE_HEADER, USER_HEADER, GatewayConfig
 from serving.routing import unit_hash
 from store.adapters import RoutingTable
 
@@ -945,3 +945,13 @@ def test_an_empty_bearer_token_never_passes_and_an_empty_secret_is_refused(make_
         GatewayConfig(served_model_name="m", admin_token="")
     with pytest.raises(ValueError, match="non-empty"):
         GatewayConfig(served_model_name="m", admin_token="t", api_keys=["sk", ""])
+
+
+def test_a_user_longer_than_the_store_holds_is_a_400_naming_it(gw) -> None:
+    response = gw.chat(user="u" * 257)
+    assert_openai_error(response, 400)
+    assert "user" in response.json()["error"]["message"]
+    body = {"model": gw.served_model_name, "messages": [{"role": "user", "content": "hi"}]}
+    headed = gw.client.post("/v1/chat/completions", json=body, headers={USER_HEADER: "u" * 257})
+    assert_openai_error(headed, 400)
+    assert headed.json()["error"]["param"] == USER_HEADER
