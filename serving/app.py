@@ -26,7 +26,7 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def _accepted(token: str | None, secrets_: list[str]) -> bool:
+def _accepted(token: str | None, secrets_: list[bytes]) -> bool:
     """Whether `token` is one of `secrets_`, in time that does not depend on where they differ.
 
     Bytes, not str: `compare_digest` refuses non-ASCII str (a 500); every secret is compared,
@@ -34,7 +34,7 @@ def _accepted(token: str | None, secrets_: list[str]) -> bool:
     if not token:
         return False
     given = token.encode()
-    return sum(secrets.compare_digest(given, secret.encode()) for secret in secrets_) > 0
+    return sum(secrets.compare_digest(given, secret) for secret in secrets_) > 0
 
 
 def create_app(
@@ -45,6 +45,8 @@ def create_app(
     """The FastAPI app around one Gateway. `lifespan_hooks` start extra background work;
     `admin_routers` add admin endpoints (behind the admin token) from the packages above."""
     config = gateway.config
+    api_keys = [key.encode() for key in config.api_keys]  # encoded once, not per request
+    admin_token = [config.admin_token.encode()]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -68,7 +70,7 @@ def create_app(
 
     # async: no I/O here, and a sync dependency would cost a worker-thread hop per request.
     async def require_api_key(request: Request) -> None:
-        if config.api_keys and not _accepted(_bearer(request), config.api_keys):
+        if api_keys and not _accepted(_bearer(request), api_keys):
             raise OpenAIError(
                 401,
                 "Missing or invalid API key.",
@@ -77,7 +79,7 @@ def create_app(
             )
 
     async def require_admin(request: Request) -> None:
-        if not _accepted(_bearer(request), [config.admin_token]):
+        if not _accepted(_bearer(request), admin_token):
             raise OpenAIError(
                 401,
                 "Admin API needs 'Authorization: Bearer <admin token>'.",
