@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Coroutine
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +31,7 @@ from store.adapters import RoutingTable
 from store.base import SchemaMismatchError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
+from tunewatch.traffic import GatewayUnreachableError, TrafficFileError
 
 # What a command could not do, as people read it: (the message's label, the exit code); 2: fix
 # the command or the settings, 1: it cannot be done now. The one place domain errors are met.
@@ -41,6 +44,8 @@ FAILURES: dict[type[Exception], tuple[str, int]] = {
     UnknownRolloutError: ("error", 2),
     ProcessStartError: ("error", 1),
     GoldenSetError: ("error", 1),
+    TrafficFileError: ("error", 2),
+    GatewayUnreachableError: ("error", 1),
     RolloutRefusal: ("refused", 1),
 }
 
@@ -446,3 +451,148 @@ def drift_calibrate(
     )
     proposed = {str(c.column): float(f"{c.proposed_threshold:.6g}") for c in result.columns}
     print(yaml.safe_dump({"monitor": {"drift_thresholds": proposed}}, sort_keys=False))
+
+
+def _moment(value: str | None, option: str) -> datetime | None:
+    """An ISO 8601 time (UTC unless it says otherwise) or an age: 30m, 12h, 7d."""
+    if value is None:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither an ISO 8601 time nor an age like 30m, 12h or 7d",
+            param_hint=option,
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@app.command()
+def export(
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="The JSONL file; unset: standard output.", show_default=False
+        ),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this time (ISO 8601) or age (7d).", show_default=False)
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="To this time (ISO 8601) or age.", show_default=False)
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="Only what this adapter answered.", show_default=False)
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most this many, oldest first.", show_default=False)
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write the users' recorded exchanges (with their references) as a traffic file for
+    `tunewatch replay`."""
+    from tunewatch.export import export_traffic, write_jsonl
+
+    start, end = _moment(since, "--since"), _moment(until, "--until")
+    store = Store(_settings(config).store_url)
+    lines = export_traffic(store, since=start, until=end, adapter=adapter, limit=limit)
+    if output is None:
+        count = write_jsonl(lines, sys.stdout)
+    else:
+        with output.open("w", encoding="utf-8") as out:
+            count = write_jsonl(lines, out)
+    console.print(f"exported {count} exchanges" + (f" to {output}" if output else ""))
+
+
+@app.command()
+def replay(
+    traffic: Annotated[Path, typer.Argument(help="JSONL: a prompt or messages a line.")],
+    gateway_url: Annotated[
+        str | None,
+        typer.Option(help="The gateway's OpenAI base URL.", show_default="the settings' gateway"),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OPENAI_API_KEY",
+            help="Bearer key for /v1.",
+            show_default="the first of gateway.api_keys",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The model asked for.", show_default="the served model")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = 4,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Requests a second; unset: the lines' `at`, or at once."),
+    ] = None,
+    speed: Annotated[
+        float, typer.Option(min=0.001, help="Play the lines' `at` times this much faster.")
+    ] = 1.0,
+    feedback_share: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of answers whose reference is posted.")
+    ] = 0.0,
+    feedback_delay: Annotated[
+        float, typer.Option(min=0, help="Seconds between an answer and its feedback.")
+    ] = 0.0,
+    time_limit: Annotated[
+        float | None, typer.Option(min=0.001, help="Stop after this many seconds.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="For lines that give no max_tokens.")] = 64,
+    config: ConfigOption = None,
+) -> None:
+    """Send a traffic file to a running gateway with the official OpenAI client, watching
+    what comes back; post references as feedback for a share of the answers."""
+    import httpx
+    import openai
+    from rich.live import Live
+
+    from tunewatch.replay import Replayer, ReplayOptions
+    from tunewatch.replay_view import ReplayView
+    from tunewatch.traffic import read_traffic
+
+    settings = _settings(config)
+    lines, bad = read_traffic(traffic)
+    for line in bad:
+        console.print(f"[yellow]skipped[/yellow] {line.where}: {line.problem}")
+    if not lines:
+        console.print(f"[red]error:[/red] {traffic} has no line to send")
+        raise typer.Exit(2)
+    gateway = settings.gateway
+    url = (gateway_url or f"http://{gateway.host}:{gateway.port}/v1").rstrip("/") + "/"
+    if not url.startswith(("http://", "https://")):
+        console.print(f"[red]error:[/red] --gateway-url {gateway_url!r} is not an http(s) URL")
+        raise typer.Exit(2)
+    key = api_key or next((k.get_secret_value() for k in gateway.api_keys), "unused")
+    options = ReplayOptions(
+        model=model or settings.engine.served_model_name,
+        concurrency=concurrency,
+        rate=rate,
+        speed=speed,
+        feedback_share=feedback_share,
+        feedback_delay_s=feedback_delay,
+        time_limit_s=time_limit,
+        max_tokens=max_tokens,
+    )
+    view = ReplayView(total=len(lines))
+
+    async def send() -> None:
+        auth = {"authorization": f"Bearer {key}"}
+        async with (
+            openai.AsyncOpenAI(base_url=url, api_key=key) as client,
+            httpx.AsyncClient(base_url=url, headers=auth, timeout=30) as feedback,
+        ):
+            summary = await Replayer(client, feedback, options, view.add).run(lines)
+        console.print(
+            f"sent {summary.sent} of {len(lines)}: {summary.answered} answered, "
+            f"{summary.failed} failed; feedback posted for {summary.feedback_posted}"
+            + (f" ({summary.feedback_failed} refused)" if summary.feedback_failed else "")
+            + (" (stopped at the time limit)" if summary.stopped_by_time_limit else "")
+        )
+
+    with Live(view, console=console, refresh_per_second=4):
+        asyncio.run(send())
