@@ -18,10 +18,11 @@ from pathlib import Path
 
 from monitor import exporter
 from monitor.calibration import calibration
-from monitor.drift import DriftConfig, DriftDetector, DriftResult, EmbedFn
+from monitor.drift import Column, DriftConfig, DriftDetector, DriftResult, EmbedFn
 from monitor.goldens import load_golden_set, run_golden_set
 from monitor.quality import Quality, quality
 from monitor.signals import signals
+from monitor.thresholds import FittingConfig, fit_thresholds, judging_config
 from monitor.traffic import adapter_labels, baseline_window, read_window, with_goldens
 from monitor.window import Window
 from serving.engine import EngineClient
@@ -43,6 +44,7 @@ class MonitorConfig:
     drift_interval_s: float = 60.0
     reference_size: int = 1000  # an adapter's first exchanges: its drift reference
     drift: DriftConfig = field(default_factory=DriftConfig)
+    fitting: FittingConfig | None = None  # fit thresholds on each full reference; None: don't
 
 
 class Monitor:
@@ -108,14 +110,71 @@ class Monitor:
             self._record_verdict(adapter, result)
 
     def _detector(self, adapter: str) -> DriftDetector:
-        """The adapter's detector, made again only while its reference window is still filling."""
+        """The adapter's detector, made again only while its reference window is still filling;
+        once it is full, judged at thresholds fitted on it (when configured)."""
         detector = self._detectors.get(adapter)
         if detector is None or len(detector.reference) < self.config.reference_size:
             reference = read_window(self.store, adapter, self.config.reference_size, newest=False)
             if detector is None or len(reference) != len(detector.reference):
-                detector = DriftDetector(reference, self.embed, self.config.drift)
+                detector = DriftDetector(reference, self.embed, self._judging(reference))
                 self._detectors[adapter] = detector
         return detector
+
+    def _judging(self, reference: Window) -> DriftConfig:
+        """The configured thresholds, or those fitted on a full reference (fitted once per
+        reference: the fit is kept in the store, so a restart does not fit again)."""
+        fitting = self.config.fitting
+        if fitting is None or len(reference) < self.config.reference_size:
+            return self.config.drift
+        key = f"drift.thresholds.{reference.adapter}"
+        fitted_on = {
+            "first": reference.exchanges[0].id,
+            "last": reference.exchanges[-1].id,
+            "window": self.config.window_size,
+            "target": fitting.target_false_alarm,
+            "runs": fitting.runs,
+            "pinned": sorted(map(str, fitting.pinned)),
+        }
+        kept = self.store.load_state(key)
+        if kept is not None and kept.get("fitted_on") == fitted_on:
+            fitted = {Column(c): t for c, t in (kept.get("thresholds") or {}).items()}
+            return self.config.drift.with_thresholds(fitted)
+        try:
+            calibration = fit_thresholds(
+                reference, self.embed, self.config.drift, fitting, self.config.window_size
+            )
+        except ValueError as exc:
+            self.store.save_state(key, {"fitted_on": fitted_on, "thresholds": {}})
+            self.store.record_event(
+                "drift.thresholds", f"not fitted, configured ones kept: {exc}", reference.adapter
+            )
+            return self.config.drift
+        judging = judging_config(self.config.drift, calibration, fitting.pinned)
+        thresholds = {
+            str(c.column): c.proposed_threshold
+            for c in calibration.columns
+            if c.column not in fitting.pinned
+        }
+        self.store.save_state(key, {"fitted_on": fitted_on, "thresholds": thresholds})
+        self.store.record_event(
+            "drift.thresholds",
+            f"fitted on {calibration.runs} A/A splits of the reference "
+            f"({calibration.reference_size} exchanges, windows of {calibration.current_size}): "
+            f"dataset false alarms {calibration.dataset_false_alarm_rate:.1%} at the configured "
+            f"thresholds, {calibration.proposed_dataset_false_alarm_rate:.1%} at the fitted "
+            f"ones (target {fitting.target_false_alarm:.1%})",
+            reference.adapter,
+            thresholds=thresholds,
+            pinned=fitted_on["pinned"],
+            false_alarms={
+                str(c.column): {"configured": c.false_alarm_rate, "runs": c.runs}
+                for c in calibration.columns
+            },
+            dataset_false_alarms=calibration.dataset_false_alarm_rate,
+            dataset_false_alarms_fitted=calibration.proposed_dataset_false_alarm_rate,
+        )
+        log.info("drift thresholds fitted", extra={"adapter": reference.adapter, **thresholds})
+        return judging
 
     def _record_verdict(self, adapter: str, result: DriftResult) -> None:
         """Every check goes to the store (the retrain trigger judges them one by one); a

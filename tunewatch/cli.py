@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 from collections.abc import Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -543,10 +544,36 @@ def replay(
         float | None, typer.Option(min=0.001, help="Stop after this many seconds.")
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="For lines that give no max_tokens.")] = 64,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Send nothing: run the drift checks and the retrain trigger over the file, "
+            "on its own clock.",
+        ),
+    ] = False,
+    change_at: Annotated[
+        float | None,
+        typer.Option(min=0, help="--dry-run: the known change point, in the file's seconds."),
+    ] = None,
+    target: Annotated[
+        list[float] | None,
+        typer.Option(help="--dry-run: fit thresholds for this false-alarm rate (repeat: a grid)."),
+    ] = None,
+    enter_share: Annotated[
+        list[float] | None,
+        typer.Option(help="--dry-run: the trigger's enter share (repeat: a grid)."),
+    ] = None,
+    consecutive_checks: Annotated[
+        list[int] | None,
+        typer.Option(help="--dry-run: the trigger's consecutive checks (repeat: a grid)."),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Send a traffic file to a running gateway with the official OpenAI client, watching
-    what comes back; post references as feedback for a share of the answers."""
+    what comes back; post references as feedback for a share of the answers. With
+    --dry-run, judge it offline instead: when drift would have been flagged and a retrain
+    decided."""
     import httpx
     import openai
     from rich.live import Live
@@ -562,6 +589,10 @@ def replay(
     if not lines:
         console.print(f"[red]error:[/red] {traffic} has no line to send")
         raise typer.Exit(2)
+    if dry_run:
+        grid = DryRunGrid(target or [], enter_share or [], consecutive_checks or [])
+        _dry_run(settings, lines, rate, feedback_share, change_at, grid)
+        return
     gateway = settings.gateway
     url = (gateway_url or f"http://{gateway.host}:{gateway.port}/v1").rstrip("/") + "/"
     if not url.startswith(("http://", "https://")):
@@ -596,3 +627,102 @@ def replay(
 
     with Live(view, console=console, refresh_per_second=4):
         asyncio.run(send())
+
+
+@dataclass(frozen=True)
+class DryRunGrid:
+    """The values to try, each list empty for the configured one."""
+
+    targets: list[float]
+    enter_shares: list[float]
+    consecutive: list[int]
+
+
+def _dry_run(
+    settings: Settings,
+    lines: list[Any],
+    rate: float | None,
+    feedback_share: float,
+    change_at: float | None,
+    grid: DryRunGrid,
+) -> None:
+    """The drift checks and the trigger over the file, for each value of the grid."""
+    from monitor.embeddings import PromptEmbedder
+    from monitor.thresholds import FittingConfig
+    from tunewatch import dryrun, monitoring
+    from tunewatch.retraining import trigger_config
+
+    options = settings.monitor
+    try:
+        times = dryrun.line_times(lines, rate)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    drift = monitoring.drift_config(settings)
+    fittings = [monitoring.fitting_config(settings, drift)]
+    if grid.targets:
+        fitting = fittings[0] or FittingConfig(runs=options.fitting_runs)
+        fittings = []
+        for wanted in grid.targets:
+            runs = max(fitting.runs, math.ceil(len(drift.tests) / wanted) - 1)
+            fittings.append(replace(fitting, target_false_alarm=wanted, runs=runs))
+    triggers = dryrun.trigger_grid(trigger_config(settings), grid.enter_shares, grid.consecutive)
+    console.print(
+        f"dry run of {len(lines)} lines over {max(times):.0f} s: reference "
+        f"{options.reference_size}, window {options.window_size}, a check every "
+        f"{options.drift_interval_s:g} s"
+        + (f", change point at {change_at:g} s" if change_at is not None else "")
+    )
+    embedder = PromptEmbedder(threads=options.embedding_threads)
+    drift_table = Table(title="drift checks")
+    for column in ("thresholds", "checks", "drifted", "quiet checks alarmed", "first flag"):
+        drift_table.add_column(column)
+    trigger_table = Table(title="retrain trigger (no rollout, no job pending)")
+    for column in ("thresholds", "enter share", "consecutive", "retrains at", "first retrain"):
+        trigger_table.add_column(column)
+    for fitting in fittings:
+        name = "configured" if fitting is None else f"fitted at {fitting.target_false_alarm:g}"
+        config = dryrun.DryRunConfig(
+            window_size=options.window_size,
+            reference_size=options.reference_size,
+            interval_s=options.drift_interval_s,
+            drift=drift,
+            fitting=fitting,
+            feedback_share=feedback_share if feedback_share > 0 else 1.0,
+        )
+        with console.status(f"drift checks, thresholds {name}..."):
+            run = dryrun.run_checks(lines, times, embedder.embed_exchanges, config)
+        if run.fit is not None:
+            console.print(
+                f"{name}: {run.fit.runs} A/A splits; dataset false alarms on them "
+                f"{run.fit.dataset_false_alarms:.1%} at the configured thresholds, "
+                f"{run.fit.dataset_false_alarms_fitted:.1%} at the fitted ones"
+            )
+        elif run.fit_refused is not None:
+            name = "configured (not fittable)"
+            console.print(f"[yellow]not fitted:[/yellow] {run.fit_refused}")
+        seen = dryrun.verdicts(run, change_at)
+        quiet = "-" if seen.quiet_checks is None else f"{seen.false_alarms} of {seen.quiet_checks}"
+        drift_table.add_row(
+            name, str(seen.checks), str(seen.drifted), quiet, _when(seen.first_flag_s, change_at)
+        )
+        for trigger in triggers:
+            retrains = dryrun.run_trigger(run.checks, trigger).retrains_at_s
+            after = [t for t in retrains if change_at is None or t >= change_at]
+            trigger_table.add_row(
+                name,
+                f"{trigger.enter_share:g}",
+                str(trigger.consecutive_checks),
+                ", ".join(f"{t:.0f} s" for t in retrains) or "none",
+                _when(after[0] if after else None, change_at),
+            )
+    Console().print(drift_table)
+    Console().print(trigger_table)
+
+
+def _when(moment: float | None, change_at: float | None) -> str:
+    if moment is None:
+        return "never"
+    if change_at is None:
+        return f"{moment:.0f} s"
+    return f"{moment:.0f} s ({moment - change_at:+.0f} s after the change)"

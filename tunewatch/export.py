@@ -1,10 +1,11 @@
 """`tunewatch export`: the gateway's recorded exchanges as a traffic file `tunewatch replay` sends.
 
 Each line is what the client asked (its messages or prompt, its sampling settings and
-user), the newest reference posted for it, and its time from the first exported line, so
-that last week's traffic can be replayed, or judged offline (`tunewatch replay --dry-run`),
-as it came. Only what users sent is exported: shadow replays, golden runs and the trainer's
-evaluations are the daemon's own traffic. The rows are read in pages, never all at once.
+user), the newest reference posted for it, its time from the first exported line, and what
+was answered (`recorded`: status, answer, mean logprob, adapter), so that last week's
+traffic can be replayed, or judged offline (`tunewatch replay --dry-run`), as it came. Only
+what users sent is exported: shadow replays, golden runs and the trainer's evaluations are
+the daemon's own traffic. The rows are read in pages, never all at once.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def traffic_line(row: Exchange, reference: str | None, at: float) -> dict[str, A
     if row.user is not None:
         line["user"] = row.user
     line["at"] = round(at, 3)
+    recorded = {
+        "status": row.status,
+        "answer": row.response,
+        "mean_logprob": row.mean_logprob,
+        "adapter": row.adapter,
+    }
+    line["recorded"] = {key: value for key, value in recorded.items() if value is not None}
     return line
 
 

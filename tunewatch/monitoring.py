@@ -19,6 +19,7 @@ from monitor.drift import Column, DriftConfig
 from monitor.embeddings import PromptEmbedder
 from monitor.goldens import DEFAULT_GOLDEN_SET, load_golden_set
 from monitor.sidecar import Monitor, MonitorConfig
+from monitor.thresholds import FittingConfig
 from retrain.jobs import TrainingRunner
 from retrain.trigger import Trigger
 from rollout.runner import RolloutRunner
@@ -29,6 +30,23 @@ from tunewatch.settings import Settings, SettingsError
 from tunewatch.stack import identity_adapter_name, prepare
 
 log = logging.getLogger("tunewatch")
+
+
+def fitting_config(settings: Settings, drift: DriftConfig) -> FittingConfig | None:
+    """How thresholds are fitted on each full reference; None when the settings say not to."""
+    options = settings.monitor
+    if not options.fit_thresholds:
+        return None
+    fitting = FittingConfig(
+        target_false_alarm=options.target_false_alarm,
+        runs=options.fitting_runs,
+        pinned=frozenset(Column(name) for name in options.drift_thresholds),
+    )
+    try:
+        fitting.check(drift)
+    except ValueError as exc:
+        raise SettingsError(f"monitor.fitting_runs: {exc}") from None
+    return fitting
 
 
 def drift_config(settings: Settings) -> DriftConfig:
@@ -49,6 +67,7 @@ async def monitor(settings: Settings, engine_url: str) -> None:
     model_dir, identity_dir = await asyncio.to_thread(prepare, settings)
     options = settings.monitor
     golden_set = options.golden_set or DEFAULT_GOLDEN_SET
+    drift = drift_config(settings)
     config = MonitorConfig(
         window_size=options.window_size,
         quality_interval_s=options.quality_interval_s,
@@ -57,7 +76,8 @@ async def monitor(settings: Settings, engine_url: str) -> None:
         correct_rouge_l=options.correct_rouge_l,
         drift_interval_s=options.drift_interval_s,
         reference_size=options.reference_size,
-        drift=drift_config(settings),
+        drift=drift,
+        fitting=fitting_config(settings, drift),
     )
     if config.golden_set is not None:
         load_golden_set(config.golden_set)  # a broken file is refused at start, not at 3 a.m.

@@ -207,7 +207,7 @@ class Replayer:
                 model=self.options.model, prompt=line.prompt, **sampling
             )
         messages = (
-            [m.model_dump() for m in line.messages]
+            [m.model_dump(exclude_unset=True) for m in line.messages]
             if line.messages is not None
             else [{"role": "user", "content": line.prompt}]
         )

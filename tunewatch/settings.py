@@ -75,7 +75,17 @@ class MonitorSettings(_Section):
     )
     drift_thresholds: dict[str, float] = Field(
         default_factory=dict,
-        description="Per drift column; `tunewatch drift calibrate` proposes them.",
+        description="Per drift column: pinned, not fitted (`tunewatch drift calibrate`).",
+    )
+    fit_thresholds: bool = Field(
+        default=True,
+        description="Fit the drift thresholds on each adapter's full reference (A/A splits).",
+    )
+    target_false_alarm: float = Field(
+        default=0.01, gt=0, lt=1, description="Of the dataset drift verdict, per check."
+    )
+    fitting_runs: int = Field(
+        default=799, ge=1, description="A/A splits; at least columns / target - 1."
     )
     embedding_threads: int = Field(default=1, ge=1)
     lease_ttl_s: float = Field(

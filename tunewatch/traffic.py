@@ -18,12 +18,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.protocol import ChatMessage  # what the gateway takes, so what it exported
 
-class ChatMessage(BaseModel):
+
+class Recorded(BaseModel):
+    """What the gateway answered when the line was recorded (`tunewatch export` writes it):
+    replay ignores it; `replay --dry-run` judges the answers' drift columns on it."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    status: Literal["ok", "error"] = "ok"
+    answer: str | None = None
+    mean_logprob: float | None = None
+    adapter: str | None = None
 
 
 class TrafficLine(BaseModel):
@@ -39,6 +46,7 @@ class TrafficLine(BaseModel):
     at: float | None = Field(default=None, ge=0, description="Seconds from the start.")
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    recorded: Recorded | None = None
 
     @model_validator(mode="after")
     def _one_request(self) -> TrafficLine:

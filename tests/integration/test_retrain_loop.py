@@ -168,6 +168,16 @@ def test_the_audit_trail_shows_every_decision_with_its_reason(loop: Loop, traine
         assert kind in shown.stdout
 
 
+def test_the_drift_that_started_it_was_judged_at_thresholds_fitted_on_the_reference(
+    loop: Loop, trained
+):
+    [fitted] = loop.store.events(kind="drift.thresholds", subject="base")
+    assert fitted.reason.startswith("fitted on 799 A/A splits of the reference (250 exchanges")
+    assert fitted.data["thresholds"]
+    first_drift = loop.store.events(kind="drift.verdict", subject="base")[-1]
+    assert first_drift.created_at >= fitted.created_at
+
+
 def test_retraining_by_hand_without_labels_fails_with_the_reason(tmp_path: Path):
     done = run_cli(tmp_path, "retrain", "--from-feedback")
     assert done.returncode == 1
