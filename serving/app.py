@@ -61,7 +61,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await gateway.drain()
-            await gateway.recorder.stop()
+            await gateway.recorder.stop(config.shutdown_timeout_s)
 
     app = FastAPI(title="tunewatch gateway", lifespan=lifespan)
     app.state.gateway = gateway

@@ -13,6 +13,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from serving.protocol import (
 )
 from serving.recorder import ExchangeRecorder
 from serving.routing import RouteChoice, choose_route
+from serving.spill import SpillFile
 from store import Store
 from store.exchanges import UnknownExchangeError
 
@@ -48,10 +50,13 @@ USER_HEADER = "x-tunewatch-user"
 class GatewayConfig:
     served_model_name: str
     admin_token: str
+    spill_file: Path  # where exchanges wait while the store cannot take them
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 1 << 20
     reconcile_interval_s: float = 5.0
     retry_after_s: int = 5
+    recorder_queue_max: int = 10_000
+    shutdown_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         # An empty secret would let `Authorization: Bearer ` through anything that compares.
@@ -71,7 +76,9 @@ class Gateway:
         rng: random.Random | None = None,
     ) -> None:
         self.config, self.store, self.engine, self.adapters = config, store, engine, adapters
-        self.recorder = ExchangeRecorder(store)
+        self.recorder = ExchangeRecorder(
+            store, SpillFile(config.spill_file), queue_max=config.recorder_queue_max
+        )
         self.rng = rng or random.Random()
         self._background: set[asyncio.Task[Any]] = set()
 

@@ -72,6 +72,12 @@ class ExchangeRecords(StoreBase):
         with self.engine.begin() as connection:  # Core insert: half the ORM's cost per row
             connection.execute(insert(Exchange.__table__), exchanges)
 
+    def recorded_ids(self, exchange_ids: list[str]) -> set[str]:
+        """Those of `exchange_ids` already in the store (a replayed spill skips them)."""
+        with self.session() as session:
+            query = select(Exchange.id).where(Exchange.id.in_(exchange_ids))
+            return set(session.scalars(query))
+
     def get_exchange(self, exchange_id: str) -> Exchange | None:
         with self.session() as session:
             return session.get(Exchange, exchange_id)

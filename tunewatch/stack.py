@@ -91,9 +91,12 @@ def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Ga
     config = GatewayConfig(
         served_model_name=settings.engine.served_model_name,
         admin_token=admin_token(settings),
+        spill_file=settings.spill_file,
         api_keys=[key.get_secret_value() for key in settings.gateway.api_keys],
         max_body_bytes=settings.gateway.max_body_bytes,
         reconcile_interval_s=settings.gateway.reconcile_interval_s,
+        recorder_queue_max=settings.gateway.recorder_queue_max,
+        shutdown_timeout_s=settings.gateway.shutdown_timeout_s,
     )
     return Gateway(config, store, engine, AdapterSet(store, engine, base_adapter))
 

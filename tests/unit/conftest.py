@@ -304,7 +304,7 @@ def make_harness(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., H
         stack.callback(asyncio.run, client.aclose())
         # By default it reconciles at start-up, then only when a test calls it.
         config = {"reconcile_interval_s": 3600.0, **config}
-        settings = GatewayConfig(SERVED_MODEL_NAME, ADMIN_TOKEN, **config)
+        settings = GatewayConfig(SERVED_MODEL_NAME, ADMIN_TOKEN, tmp_path / "spill.jsonl", **config)
         gateway = Gateway(settings, store, client, AdapterSet(store, client, BASE_ADAPTER))
         # As `tunewatch serve` does: the identity adapter stands for the base model, loaded first.
         identity = write_adapter(tmp_path / "identity", b"zero B matrices")

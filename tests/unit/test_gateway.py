@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -942,9 +943,9 @@ def test_an_empty_bearer_token_never_passes_and_an_empty_secret_is_refused(make_
     response = gw.client.get("/admin/routing", headers={"authorization": "Bearer "})
     assert_openai_error(response, 401, "invalid_admin_token")
     with pytest.raises(ValueError, match="non-empty"):
-        GatewayConfig(served_model_name="m", admin_token="")
+        GatewayConfig(served_model_name="m", admin_token="", spill_file=Path("spill.jsonl"))
     with pytest.raises(ValueError, match="non-empty"):
-        GatewayConfig(served_model_name="m", admin_token="t", api_keys=["sk", ""])
+        GatewayConfig("m", "t", Path("spill.jsonl"), api_keys=["sk", ""])
 
 
 def test_a_user_longer_than_the_store_holds_is_a_400_naming_it(gw) -> None:
