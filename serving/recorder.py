@@ -18,6 +18,7 @@ its connection, is written row by row, so that one bad row loses only itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from typing import Any
@@ -86,10 +87,9 @@ class ExchangeRecorder:
     async def stop(self, timeout_s: float) -> None:
         """Write what is queued for up to `timeout_s`, then spill whatever is left, so that
         the recorder stops in bounded time and loses nothing; a later `submit` spills."""
-        try:
-            await asyncio.wait_for(self.flush(), max(timeout_s, 0.0))
-        except TimeoutError:
-            log.warning("the recorder's shutdown deadline passed: spilling what is left")
+        if timeout_s > 0:
+            with contextlib.suppress(TimeoutError):  # then what is left is spilled
+                await asyncio.wait_for(self.flush(), timeout_s)
         self._stopped = True
         if self._task is not None:
             self._task.cancel()

@@ -1,7 +1,9 @@
 """Exchanges and their feedback: what the gateway records, and the monitor and the rollouts read.
 
 `Route` names every route an exchange is recorded under: the gateway's (primary, canary,
-shadow, pinned), the monitor's golden runs and the trainer's held-out evaluation.
+shadow, pinned), the monitor's golden runs and the trainer's held-out evaluation. `Status`
+says how it ended: answered, failed, or interrupted by the gateway's own shutdown before
+the engine answered (no fault of the adapter's, so no guard counts it as an error).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from store.base import Base, StoreBase, utcnow
 
 Route = Literal["primary", "canary", "shadow", "pinned", "golden", "evaluation"]
+Status = Literal["ok", "error", "interrupted"]
 
 
 def new_id() -> str:
@@ -43,7 +46,7 @@ class Exchange(Base):
     latency_seconds: Mapped[float] = mapped_column(Float)
     mean_logprob: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))  # ok | error
+    status: Mapped[str] = mapped_column(String(16))  # ok | error | interrupted
     http_status: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
 

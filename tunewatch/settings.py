@@ -57,7 +57,9 @@ class GatewaySettings(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(
-        default=20.0, ge=0, description="Answers in flight and queued records get this long."
+        default=20.0,
+        ge=0,
+        description="The longest a shutdown takes: 3/4 for answers in flight, then the records.",
     )
     recorder_queue_max: int = Field(
         default=10_000, ge=1, description="Exchanges waiting for the store; more are spilled."

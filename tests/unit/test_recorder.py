@@ -174,7 +174,8 @@ async def test_a_store_that_cannot_be_reached_spills_everything_and_loses_nothin
         await running.flush()
 
         assert store.count_exchanges() == 0
-        assert sorted(spilled_ids(spill)) == sorted(record["id"] for record in submitted)
+        # (a set: a failing replay may be moving rows from one of its files to the other)
+        assert set(spilled_ids(spill)) == {record["id"] for record in submitted}
         spilled = counted("tunewatch_recorder_spilled_total", reason="store_unreachable")
         spilled += counted("tunewatch_recorder_spilled_total", reason="behind_spill")
         assert spilled == unreachable + behind + 12
