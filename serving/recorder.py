@@ -58,6 +58,7 @@ class ExchangeRecorder:
         self._batch: list[dict[str, Any]] = []  # taken from the queue, not yet handled
         self._replay_due = 0.0  # the loop time of the next replay attempt
         self._overflowing = False
+        self._unsynced = False  # spilled on the event loop, without its fsync yet
         self._stopped = False
 
     def start(self) -> None:
@@ -77,8 +78,8 @@ class ExchangeRecorder:
                     self._queue.maxsize,
                     self.spill.path,
                 )
-            self._overflowing = True
-            self._spill([exchange], "queue_full")
+            self._overflowing = self._unsynced = True
+            self._spill([exchange], "queue_full", fsync=False)  # synced with the next batch
         metrics.RECORDER_QUEUE_DEPTH.set(self._queue.qsize())
 
     async def flush(self) -> None:
@@ -100,6 +101,7 @@ class ExchangeRecorder:
             self._queue.task_done()
         if left:
             self._spill(left, "shutdown")
+        await self._sync()
         metrics.RECORDER_QUEUE_DEPTH.set(0)
 
     async def _run(self) -> None:
@@ -107,6 +109,7 @@ class ExchangeRecorder:
             if self.spill.holds_rows():
                 await self._replay()
             await self._take_batch()
+            await self._sync()
             batch = self._batch
             if not batch:
                 continue  # nothing arrived within the replay interval
@@ -174,10 +177,18 @@ class ExchangeRecorder:
             log.error("dropped %d of %d exchanges: %s", len(dropped), len(rows), dropped)
         return len(rows) - len(dropped)
 
-    def _spill(self, rows: list[dict[str, Any]], reason: str) -> None:
+    async def _sync(self) -> None:
+        if self._unsynced:
+            self._unsynced = False
+            try:
+                await asyncio.to_thread(self.spill.sync)
+            except OSError:
+                log.exception("could not fsync %s", self.spill.path)
+
+    def _spill(self, rows: list[dict[str, Any]], reason: str, fsync: bool = True) -> None:
         """Append `rows` to the spill file: only a disk that refuses them too loses them."""
         try:
-            self.spill.append(rows)
+            self.spill.append(rows, fsync)
         except OSError:
             metrics.STORE_WRITE_FAILURES.inc(len(rows))
             ids = [row["id"] for row in rows]

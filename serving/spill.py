@@ -2,9 +2,11 @@
 
 The recorder appends here what it could not write (its queue full, the database
 unreachable, the shutdown's deadline passed) and replays it into the store later. One
-JSON object a line, in the order appended, fsync'd per append; it holds prompts, so it is
-created private (0600). Instants are written in ISO 8601 and read back as the same
-timezone-aware datetimes, so a replayed exchange is the dict that was spilled.
+JSON object a line, in the order appended, fsync'd per append (or, for an exchange
+appended on the event loop, where a fsync's milliseconds would hold up every request, by
+the recorder's next `sync`). It holds prompts, so it is created private (0600). Instants
+are written in ISO 8601 and read back as the same timezone-aware datetimes, so a replayed
+exchange is the dict that was spilled.
 
 A replay first `take`s the file: its rows move to a replay file (behind those an
 unfinished replay left there), and new spills start a fresh file, so an append during a
@@ -63,7 +65,7 @@ class SpillFile:
     def holds_rows(self) -> bool:
         return self.path.exists() or self.replay_path.exists()
 
-    def append(self, exchanges: list[dict[str, Any]]) -> None:
+    def append(self, exchanges: list[dict[str, Any]], fsync: bool = True) -> None:
         data = "".join(encode(exchange) + "\n" for exchange in exchanges).encode()
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,16 @@ class SpillFile:
             with os.fdopen(descriptor, "ab") as file:
                 file.write(data)
                 file.flush()
-                os.fsync(file.fileno())
+                if fsync:
+                    os.fsync(file.fileno())
+
+    def sync(self) -> None:
+        """Make what was appended without fsync durable (a replay may have moved it aside)."""
+        with self._lock:
+            for path in (self.path, self.replay_path):
+                if path.exists():
+                    with path.open("ab") as file:
+                        os.fsync(file.fileno())
 
     def take(self) -> bool:
         """Move every row spilled so far into the replay file, in order; False if none."""
