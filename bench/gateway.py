@@ -354,7 +354,11 @@ def fake_gateway_app(engine_url: str, database: Path) -> FastAPI:
     store = Store(f"sqlite:///{database}")
     engine = EngineClient(engine_url)
     adapters = AdapterSet(store, engine, base_adapter="base-identity-fake")
-    config = GatewayConfig(served_model_name="bench", admin_token=secrets.token_urlsafe(16))
+    config = GatewayConfig(
+        served_model_name="bench",
+        admin_token=secrets.token_urlsafe(16),
+        spill_file=database.with_name("spill.jsonl"),
+    )
     return create_app(Gateway(config, store, engine, adapters))
 
 

@@ -40,7 +40,7 @@ class Signals:
 
     n: int  # exchanges in the window, errors included
     answered: int  # exchanges with an answer: the base of the rates and means below
-    error_rate: float | None  # status != ok, over all exchanges
+    error_rate: float | None  # status error, over the exchanges not interrupted
     mean_logprob: float | None  # over answered exchanges that carry one
     mean_response_tokens: float | None  # completion_tokens, where recorded
     mean_response_chars: float | None
@@ -71,10 +71,11 @@ def signals(window: Window) -> Signals:
     responses = [e.response or "" for e in answered]  # answered: never None
     latencies = [e.latency_seconds for e in answered]
     p50, p95 = percentiles(latencies, (50, 95))
+    judged = [e for e in window.exchanges if not e.interrupted]
     return Signals(
         n=len(window),
         answered=len(answered),
-        error_rate=sum(not e.ok for e in window.exchanges) / len(window) if len(window) else None,
+        error_rate=sum(not e.ok for e in judged) / len(judged) if judged else None,
         mean_logprob=mean([e.mean_logprob for e in answered if e.mean_logprob is not None]),
         mean_response_tokens=mean(
             [e.completion_tokens for e in answered if e.completion_tokens is not None]

@@ -27,7 +27,7 @@ class ExchangeView:
     completion_tokens: int | None
     mean_logprob: float | None
     latency_seconds: float
-    status: str  # ok | error
+    status: str  # ok | error | interrupted
     reference: str | None = None
     rating: float | None = None
     parent_id: str | None = None  # a shadow replay: the exchange it mirrored
@@ -35,6 +35,11 @@ class ExchangeView:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def interrupted(self) -> bool:
+        """Cut short by the gateway's shutdown: neither an answer nor an error of the adapter."""
+        return self.status == "interrupted"
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,9 @@ def gather(
         for c, p in mirrored
         if c.ok and p.ok
     ]
-    served = [e for e in candidate if e.route in ("shadow", "canary")]
-    answered = [e for e in primary if e.route == "primary"]
+    # A shutdown's interruptions say nothing about either adapter.
+    served = [e for e in candidate if e.route in ("shadow", "canary") and not e.interrupted]
+    answered = [e for e in primary if e.route == "primary" and not e.interrupted]
     quality_candidate, quality_primary = [c for c, _ in pairs], [p for _, p in pairs]
     latency_candidate = [e.latency_seconds for e in served if e.ok]
     latency_primary = [e.latency_seconds for e in answered if e.ok]

@@ -60,8 +60,7 @@ def create_app(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await gateway.drain()
-            await gateway.recorder.stop()
+            await gateway.shutdown()
 
     app = FastAPI(title="tunewatch gateway", lifespan=lifespan)
     app.state.gateway = gateway

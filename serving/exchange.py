@@ -15,7 +15,7 @@ from typing import Any
 
 from serving.engine import EngineClient, EngineUnavailableError
 from serving.protocol import InferenceRequest
-from store.exchanges import new_id
+from store.exchanges import Status, new_id
 
 BASE_LABEL = "base"  # the adapter label of the base model (served through the identity adapter)
 
@@ -83,7 +83,10 @@ class ExchangeDraft:
             self.prompt_tokens = usage.get("prompt_tokens")
             self.completion_tokens = usage.get("completion_tokens")
 
-    def record(self, http_status: int, error: str | None = None) -> dict[str, Any]:
+    def record(
+        self, http_status: int, error: str | None = None, interrupted: bool = False
+    ) -> dict[str, Any]:
+        status: Status = "interrupted" if interrupted else "ok" if error is None else "error"
         finite = [lp for lp in self.logprobs if math.isfinite(lp)]
         latency = time.perf_counter() - self.started
         return dict(
@@ -105,7 +108,7 @@ class ExchangeDraft:
             latency_seconds=latency,
             mean_logprob=sum(finite) / len(finite) if finite else None,
             finish_reason=self.finish_reason,
-            status="ok" if error is None else "error",
+            status=status,
             http_status=http_status,
             error=None if error is None else storable(error),
         )

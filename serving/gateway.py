@@ -2,7 +2,8 @@
 
 Handlers only parse, route and answer. Talking to vLLM is `EngineClient`; recording is
 `ExchangeRecorder.submit`; keeping adapters and routing in step is `AdapterSet`.
-Every error leaves in OpenAI's error shape.
+Every error leaves in OpenAI's error shape. `shutdown` ends within `shutdown_timeout_s`,
+and records what it cut short as interrupted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +35,7 @@ from serving.protocol import (
 )
 from serving.recorder import ExchangeRecorder
 from serving.routing import RouteChoice, choose_route
+from serving.spill import SpillFile
 from store import Store
 from store.exchanges import UnknownExchangeError
 
@@ -42,16 +45,26 @@ EXCHANGE_HEADER = "x-tunewatch-exchange-id"
 ADAPTER_HEADER = "x-tunewatch-adapter"
 ROUTE_HEADER = "x-tunewatch-route"
 USER_HEADER = "x-tunewatch-user"
+INTERRUPTED = "interrupted: the gateway shut down before the engine answered"
 
 
 @dataclass
 class GatewayConfig:
     served_model_name: str
     admin_token: str
+    spill_file: Path  # where exchanges wait while the store cannot take them
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 1 << 20
     reconcile_interval_s: float = 5.0
     retry_after_s: int = 5
+    recorder_queue_max: int = 10_000
+    shutdown_timeout_s: float = 20.0
+
+    @property
+    def answers_timeout_s(self) -> float:
+        """How long a shutdown waits for requests in flight: the last quarter of its time is
+        the recorder's, to write what they and it left (so that little needs spilling)."""
+        return self.shutdown_timeout_s * 0.75
 
     def __post_init__(self) -> None:
         # An empty secret would let `Authorization: Bearer ` through anything that compares.
@@ -71,9 +84,13 @@ class Gateway:
         rng: random.Random | None = None,
     ) -> None:
         self.config, self.store, self.engine, self.adapters = config, store, engine, adapters
-        self.recorder = ExchangeRecorder(store)
+        self.recorder = ExchangeRecorder(
+            store, SpillFile(config.spill_file), queue_max=config.recorder_queue_max
+        )
         self.rng = rng or random.Random()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._shadows: set[asyncio.Task[Any]] = set()
+        self._answering: set[asyncio.Task[Any]] = set()  # the tasks of requests in flight
+        self._shutdown_at: float | None = None  # the loop time a shutdown began
 
     # routing
 
@@ -99,6 +116,7 @@ class Gateway:
     async def infer(
         self, endpoint: str, request: InferenceRequest, header_user: str | None
     ) -> Response:
+        self._answering_now()
         decision = self.route(request, header_user)
         call = ExchangeDraft(
             endpoint=endpoint,
@@ -126,8 +144,26 @@ class Gateway:
             call.absorb_response(data)
             self._finish(call, 200)
             return JSONResponse(self._for_client(request, data), headers=headers)
+        except asyncio.CancelledError:
+            self._finish(call, *self._cut_short())
+            raise
         finally:
             in_flight.dec()
+
+    def _answering_now(self) -> None:
+        """This request's task: a shutdown waits for it a while, then cancels it."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+
+    def _cut_short(self) -> tuple[int, str, bool]:
+        """How a call cancelled before its answer is recorded (status, error, interrupted):
+        interrupted by the shutdown, or failed when its client left (perhaps because the
+        adapter was too slow for it, which is the adapter's to answer for)."""
+        if self.stopping:
+            return 503, INTERRUPTED, True
+        return 499, "client disconnected", False
 
     def _for_client(self, request: InferenceRequest, chunk: dict[str, Any]) -> dict[str, Any]:
         """Echo the client's model name and strip what it did not ask for."""
@@ -173,6 +209,9 @@ class Gateway:
             upstream = await self.engine.open_stream(call.path, body)
         except EngineUnavailableError as exc:
             raise self._unavailable(call, exc) from exc
+        except asyncio.CancelledError:
+            self._finish(call, *self._cut_short())
+            raise
         if upstream.status_code != 200:
             await upstream.aread()
             await upstream.aclose()
@@ -189,7 +228,7 @@ class Gateway:
         wants_usage = bool((request.stream_options or {}).get("include_usage"))
         in_flight = metrics.REQUESTS_IN_FLIGHT.labels(call.route, call.adapter_label)
         in_flight.inc()
-        status, error = 200, None
+        status, error, interrupted = 200, None, False
         try:
             async for line in upstream.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -220,17 +259,23 @@ class Gateway:
             )
             yield f"data: {json.dumps(failure.body())}\n\n".encode()
         except asyncio.CancelledError:
-            status, error = 499, "client disconnected"
+            status, error, interrupted = self._cut_short()
             raise
         finally:
             in_flight.dec()
+            self._finish(call, status, error, interrupted)  # first: a cancelled close may not end
             await upstream.aclose()
-            self._finish(call, status, error)
         yield b"data: [DONE]\n\n"
 
-    def _finish(self, call: ExchangeDraft, http_status: int, error: str | None = None) -> None:
+    def _finish(
+        self,
+        call: ExchangeDraft,
+        http_status: int,
+        error: str | None = None,
+        interrupted: bool = False,
+    ) -> None:
         """Record the exchange, update the metrics, and mirror it to the shadow if chosen."""
-        exchange = call.record(http_status, error)
+        exchange = call.record(http_status, error, interrupted)
         self.recorder.submit(exchange)
         labels = (call.route, call.adapter_label)
         metrics.REQUESTS.labels(*labels, str(http_status)).inc()
@@ -241,7 +286,7 @@ class Gateway:
             metrics.OUTPUT_TOKENS.labels(*labels).inc(call.completion_tokens)
         if call.prompt_tokens:
             metrics.PROMPT_TOKENS.labels(*labels).inc(call.prompt_tokens)
-        if call.mirror_to and error is None:
+        if call.mirror_to and error is None and not self.stopping:
             self._spawn(self._shadow(call))
 
     async def _shadow(self, parent: ExchangeDraft) -> None:
@@ -256,18 +301,52 @@ class Gateway:
             user=parent.user,
         )
         engine_model = self.adapters.resolve(shadow.adapter)
-        self._finish(shadow, *await answer_whole(self.engine, shadow, engine_model))
+        try:
+            answer = await answer_whole(self.engine, shadow, engine_model)
+        except asyncio.CancelledError:
+            self._finish(shadow, *self._cut_short())
+            raise
+        self._finish(shadow, *answer)
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     async def drain(self) -> None:
         """Wait for shadow calls in flight, then for every queued record to be written."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        while self._shadows:
+            await asyncio.gather(*self._shadows, return_exceptions=True)
         await self.recorder.flush()
+
+    # shutdown
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown_at is not None
+
+    def begin_shutdown(self) -> float:
+        """The shutdown's time runs from the first call (its loop time, returned), and shadow
+        replays stop: no client waits for them, and their primaries are answered already."""
+        if self._shutdown_at is None:
+            self._shutdown_at = asyncio.get_running_loop().time()
+        for task in self._shadows:
+            task.cancel()
+        return self._shutdown_at
+
+    async def shutdown(self) -> None:
+        """End within `shutdown_timeout_s` of `begin_shutdown`: shadows cancelled, requests in
+        flight waited for `answers_timeout_s` and then cancelled (each cut short is recorded
+        as interrupted), and the recorder given the rest of the time (it spills what is left)."""
+        began, loop = self.begin_shutdown(), asyncio.get_running_loop()
+        await asyncio.gather(*self._shadows, return_exceptions=True)
+        answers_by = began + self.config.answers_timeout_s
+        if self._answering:
+            await asyncio.wait(self._answering, timeout=max(0.0, answers_by - loop.time()))
+        for task in self._answering:
+            task.cancel()
+        await asyncio.gather(*self._answering, return_exceptions=True)
+        await self.recorder.stop(began + self.config.shutdown_timeout_s - loop.time())
 
     # feedback
 

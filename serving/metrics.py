@@ -50,6 +50,22 @@ STORE_WRITE_FAILURES = Counter(
     "tunewatch_store_write_failures_total",
     "Exchanges that could not be written to the store.",
 )
+RECORDER_QUEUE_DEPTH = Gauge(
+    "tunewatch_recorder_queue_depth",
+    "Exchanges answered and waiting in the recorder's queue to be written to the store.",
+)
+RECORDER_SPILLED = Counter(
+    "tunewatch_recorder_spilled_total",
+    "Exchanges written to the local spill file instead of the store, by reason.",
+    ["reason"],
+)
+RECORDER_REPLAYED = Counter(
+    "tunewatch_recorder_replayed_total",
+    "Exchanges written to the store from the spill file.",
+)
+# A series born at 1 hides its first spill from increase(): every reason starts at 0.
+for _reason in ("queue_full", "store_unreachable", "behind_spill", "shutdown"):
+    RECORDER_SPILLED.labels(_reason)
 PROCESS_UP = Gauge(
     "tunewatch_process_up",
     "1 while a supervised child process (engine, monitor) is up and healthy, else 0.",

@@ -1,7 +1,9 @@
 """Exchanges and their feedback: what the gateway records, and the monitor and the rollouts read.
 
 `Route` names every route an exchange is recorded under: the gateway's (primary, canary,
-shadow, pinned), the monitor's golden runs and the trainer's held-out evaluation.
+shadow, pinned), the monitor's golden runs and the trainer's held-out evaluation. `Status`
+says how it ended: answered, failed, or interrupted by the gateway's own shutdown before
+the engine answered (no fault of the adapter's, so no guard counts it as an error).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from store.base import Base, StoreBase, utcnow
 
 Route = Literal["primary", "canary", "shadow", "pinned", "golden", "evaluation"]
+Status = Literal["ok", "error", "interrupted"]
 
 
 def new_id() -> str:
@@ -43,7 +46,7 @@ class Exchange(Base):
     latency_seconds: Mapped[float] = mapped_column(Float)
     mean_logprob: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))  # ok | error
+    status: Mapped[str] = mapped_column(String(16))  # ok | error | interrupted
     http_status: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
 
@@ -71,6 +74,12 @@ class ExchangeRecords(StoreBase):
         """Insert in the given order (a shadow comes after its parent) in one transaction."""
         with self.engine.begin() as connection:  # Core insert: half the ORM's cost per row
             connection.execute(insert(Exchange.__table__), exchanges)
+
+    def recorded_ids(self, exchange_ids: list[str]) -> set[str]:
+        """Those of `exchange_ids` already in the store (a replayed spill skips them)."""
+        with self.session() as session:
+            query = select(Exchange.id).where(Exchange.id.in_(exchange_ids))
+            return set(session.scalars(query))
 
     def get_exchange(self, exchange_id: str) -> Exchange | None:
         with self.session() as session:

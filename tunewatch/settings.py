@@ -56,6 +56,18 @@ class GatewaySettings(_Section):
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
+    shutdown_timeout_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="The longest a shutdown takes: 3/4 for answers in flight, then the records.",
+    )
+    recorder_queue_max: int = Field(
+        default=10_000, ge=1, description="Exchanges waiting for the store; more are spilled."
+    )
+    spill_dir: Path | None = Field(
+        default=None,
+        description="Exchanges the store cannot take now wait here; unset: <state dir>/spill.",
+    )
 
 
 class MonitorSettings(_Section):
@@ -208,6 +220,10 @@ class Settings(BaseSettings):
     @property
     def store_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'tunewatch.db'}"
+
+    @property
+    def spill_file(self) -> Path:
+        return (self.gateway.spill_dir or self.state_dir / "spill") / "exchanges.jsonl"
 
 
 def _secret_fields() -> set[str]:

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -91,9 +92,12 @@ def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Ga
     config = GatewayConfig(
         served_model_name=settings.engine.served_model_name,
         admin_token=admin_token(settings),
+        spill_file=settings.spill_file,
         api_keys=[key.get_secret_value() for key in settings.gateway.api_keys],
         max_body_bytes=settings.gateway.max_body_bytes,
         reconcile_interval_s=settings.gateway.reconcile_interval_s,
+        recorder_queue_max=settings.gateway.recorder_queue_max,
+        shutdown_timeout_s=settings.gateway.shutdown_timeout_s,
     )
     return Gateway(config, store, engine, AdapterSet(store, engine, base_adapter))
 
@@ -105,7 +109,17 @@ async def _load_identity(gateway: Gateway, identity_dir: Path) -> None:
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises a captured Ctrl-C after shutting down, which would cancel our own
-    clean-up (stopping vLLM and the monitor); here the loop's handlers ask it to exit instead."""
+    clean-up (stopping vLLM and the monitor); here the loop's handlers ask it to exit instead.
+    Its shutdown tells the gateway first: shadow replays stop at once, and the gateway's
+    time starts with uvicorn's wait for the requests in flight (as long as the gateway's)."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.begin_shutdown()
+        await super().shutdown(sockets)
 
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:
         loop = asyncio.get_running_loop()
@@ -125,8 +139,9 @@ async def _serve_http(
             host=settings.gateway.host,
             port=settings.gateway.port,
             log_config=None,
-            timeout_graceful_shutdown=30,
-        )
+            timeout_graceful_shutdown=gateway.config.answers_timeout_s,
+        ),
+        gateway,
     )
     log.info(
         "gateway listening",

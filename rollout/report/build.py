@@ -233,7 +233,7 @@ class _Scored:
     """One exchange, reduced to what the figures need."""
 
     at: datetime
-    served: bool  # live traffic, not a golden run
+    served: bool  # live traffic, as the guards judge it: not a golden run, not interrupted
     answered: bool
     latency_s: float
     mean_logprob: float | None
@@ -375,7 +375,7 @@ def _score(exchange: ExchangeView, parent: ExchangeView | None, metric: AnswerMe
         agreement = answer_score(exchange.response or "", shadow_of.response, "chrf")
     return _Scored(
         at=exchange.created_at,
-        served=exchange.route in SERVED_ROUTES,
+        served=exchange.route in SERVED_ROUTES and not exchange.interrupted,
         answered=answered,
         latency_s=exchange.latency_seconds,
         mean_logprob=exchange.mean_logprob,

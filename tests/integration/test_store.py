@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from serving.exchange import storable
 from serving.recorder import ExchangeRecorder
+from serving.spill import SpillFile
 from store import Store
 from store.adapters import AdapterNameTakenError, AdapterRecord, RoutingTable
 from store.base import SchemaMismatchError
@@ -140,6 +142,12 @@ def test_created_at_defaults_to_now_in_utc(store: Store) -> None:
 
     created_at = store.get_exchange(recorded["id"]).created_at
     assert before <= created_at <= datetime.now(UTC)
+
+
+def test_recorded_ids_are_those_of_the_given_ids_the_store_has(store: Store) -> None:
+    written = exchange()
+    store.record_exchanges([written])
+    assert store.recorded_ids([written["id"], new_id()]) == {written["id"]}
 
 
 def test_an_unknown_exchange_reads_as_none(store: Store) -> None:
@@ -282,8 +290,10 @@ def test_two_stores_on_one_database_see_each_others_writes(store_url: str) -> No
 # the recorder
 
 
-async def test_the_recorder_writes_everything_submitted_once_flushed(store: Store) -> None:
-    recorder = ExchangeRecorder(store, max_batch=16)
+async def test_the_recorder_writes_everything_submitted_once_flushed(
+    store: Store, tmp_path: Path
+) -> None:
+    recorder = ExchangeRecorder(store, SpillFile(tmp_path / "spill.jsonl"), max_batch=16)
     recorder.start()
     try:
         submitted = [exchange() for _ in range(100)]
@@ -295,22 +305,22 @@ async def test_the_recorder_writes_everything_submitted_once_flushed(store: Stor
         assert count(store, Exchange) == 100
         assert all(store.get_exchange(record["id"]) is not None for record in submitted)
     finally:
-        await recorder.stop()
+        await recorder.stop(30.0)
 
 
-async def test_one_row_the_store_refuses_loses_only_itself(store: Store) -> None:
+async def test_one_row_the_store_refuses_loses_only_itself(store: Store, tmp_path: Path) -> None:
     taken = exchange()
     store.record_exchanges([taken])
     failures = REGISTRY.get_sample_value("tunewatch_store_write_failures_total") or 0.0
     good = [exchange(), exchange()]
-    recorder = ExchangeRecorder(store, linger_s=0.05)
+    recorder = ExchangeRecorder(store, SpillFile(tmp_path / "spill.jsonl"), linger_s=0.05)
     recorder.start()
     try:
         for record in (good[0], dict(taken, prompt="a second row under a taken id"), good[1]):
             recorder.submit(record)
         await recorder.flush()
     finally:
-        await recorder.stop()
+        await recorder.stop(30.0)
     assert all(store.get_exchange(record["id"]) is not None for record in good)
     assert store.get_exchange(taken["id"]).prompt == taken["prompt"]
     assert REGISTRY.get_sample_value("tunewatch_store_write_failures_total") == failures + 1
@@ -322,8 +332,10 @@ def test_text_with_a_nul_is_stored_on_both_databases(store: Store) -> None:
     assert store.get_exchange(record["id"]).prompt == "before\ufffdafter"
 
 
-async def test_the_recorder_writes_a_shadow_submitted_after_its_parent(store: Store) -> None:
-    recorder = ExchangeRecorder(store)
+async def test_the_recorder_writes_a_shadow_submitted_after_its_parent(
+    store: Store, tmp_path: Path
+) -> None:
+    recorder = ExchangeRecorder(store, SpillFile(tmp_path / "spill.jsonl"))
     recorder.start()
     try:
         parent = exchange()
@@ -334,16 +346,16 @@ async def test_the_recorder_writes_a_shadow_submitted_after_its_parent(store: St
 
         assert count(store, Exchange) == 2
     finally:
-        await recorder.stop()
+        await recorder.stop(30.0)
 
 
-async def test_stopping_the_recorder_loses_nothing_queued(store: Store) -> None:
-    recorder = ExchangeRecorder(store)
+async def test_stopping_the_recorder_loses_nothing_queued(store: Store, tmp_path: Path) -> None:
+    recorder = ExchangeRecorder(store, SpillFile(tmp_path / "spill.jsonl"))
     recorder.start()
     for _ in range(500):
         recorder.submit(exchange())
 
-    await recorder.stop()
+    await recorder.stop(30.0)
 
     assert count(store, Exchange) == 500
 

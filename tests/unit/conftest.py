@@ -3,8 +3,9 @@
 The fake engine speaks the slice of vLLM's OpenAI server the gateway uses (health, model
 list, runtime LoRA load/unload, chat and text completions, plain and streamed) in vLLM's
 shapes, and remembers every request it received so a test can check what the gateway
-sent upstream. Its failure switches (down, a failing adapter, a stream that breaks) stand
-for the ways a real engine lets the gateway down. No server, no vLLM, no network.
+sent upstream. Its failure switches (down, a failing adapter, an adapter that does not
+answer, a stream that breaks) stand for the ways a real engine lets the gateway down.
+No server, no vLLM, no network.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class FakeEngine:
     received: list[tuple[str, str, Any]] = field(default_factory=list)  # method, path, JSON body
     down: bool = False  # every call fails to connect
     failing_adapters: set[str] = field(default_factory=set)  # inference on these answers 500
+    hanging_adapters: set[str] = field(default_factory=set)  # on these, no answer while listed
     stream_breaks_after: int | None = None  # events sent before the connection drops
     lists_loaded_adapters: bool = True  # False: accepts a load but never lists the adapter
     served_model_name: str = SERVED_MODEL_NAME
@@ -102,6 +104,8 @@ class FakeEngine:
             self.loaded.discard(body["lora_name"])
             return httpx.Response(200, text="Success")
         if path in ("/v1/chat/completions", "/v1/completions"):
+            while body["model"] in self.hanging_adapters:
+                await asyncio.sleep(0.01)
             return self._complete(path, body)
         return _error(404, "Not Found", "NotFoundError")
 
@@ -304,7 +308,7 @@ def make_harness(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., H
         stack.callback(asyncio.run, client.aclose())
         # By default it reconciles at start-up, then only when a test calls it.
         config = {"reconcile_interval_s": 3600.0, **config}
-        settings = GatewayConfig(SERVED_MODEL_NAME, ADMIN_TOKEN, **config)
+        settings = GatewayConfig(SERVED_MODEL_NAME, ADMIN_TOKEN, tmp_path / "spill.jsonl", **config)
         gateway = Gateway(settings, store, client, AdapterSet(store, client, BASE_ADAPTER))
         # As `tunewatch serve` does: the identity adapter stands for the base model, loaded first.
         identity = write_adapter(tmp_path / "identity", b"zero B matrices")

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from serving.gateway import EXCHANGE_HEADER, USER_HEADER, GatewayConfig
 from serving.routing import unit_hash
 from store.adapters import RoutingTable
+from store.exchanges import Exchange
 
 REPLY = "Paris is the capital."
 MEAN_LOGPROB = -0.3  # the fake engine's five tokens: -0.1 ... -0.5
@@ -260,6 +265,107 @@ def test_exchanges_are_written_before_the_gateway_stops(make_harness) -> None:
     ids = [gw.chat().headers[EXCHANGE_HEADER] for _ in range(5)]
     gw.client.__exit__(None, None, None)  # shutdown: no explicit flush
     assert all(gw.gateway.store.get_exchange(i) is not None for i in ids)
+
+
+# shutdown
+
+
+def ask_in_background(gw) -> tuple[threading.Thread, list[Any]]:
+    """A chat from another thread, as a client whose answer is pending; its outcome lands in
+    the list (a response, or what its cancelled call raised)."""
+    outcome: list[Any] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(gw.chat())
+        except BaseException as exc:  # the gateway cancelled it
+            outcome.append(exc)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    return asking, outcome
+
+
+def wait_for_engine_call(gw, model: str) -> None:
+    for _ in range(500):
+        if any(body["model"] == model for body in gw.engine.inference_bodies()):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the engine was never asked on {model}")
+
+
+def stop_within(gw, seconds: float) -> None:
+    """Shut the gateway down as its server does (the app's lifespan); past `seconds`, fail
+    rather than hang (the engine then answers, so that the test can end)."""
+    stopping = threading.Thread(target=gw.client.__exit__, args=(None, None, None), daemon=True)
+    stopping.start()
+    stopping.join(seconds)
+    if stopping.is_alive():
+        gw.engine.hanging_adapters.clear()
+        raise AssertionError(f"the gateway did not stop within {seconds} s")
+
+
+def stored_exchanges(gw) -> list[Any]:
+    with gw.gateway.store.session() as session:
+        return list(session.scalars(select(Exchange).order_by(Exchange.created_at)))
+
+
+def test_a_shadow_the_engine_never_answers_is_cut_short_at_once_and_recorded_interrupted(
+    make_harness,
+) -> None:
+    gw = make_harness(shutdown_timeout_s=3600.0)  # shadows are not waited for at all
+    gw.load_adapter("v1")
+    gw.load_adapter("v2")
+    gw.set_routing(primary="v1", shadow="v2", shadow_fraction=1.0)
+    gw.engine.hanging_adapters.add("v2")
+    primary_id = gw.chat().headers[EXCHANGE_HEADER]
+    wait_for_engine_call(gw, "v2")
+
+    stop_within(gw, 10)
+
+    primary, shadow = stored_exchanges(gw)
+    assert (primary.id, primary.status) == (primary_id, "ok")
+    assert (shadow.route, shadow.parent_id) == ("shadow", primary_id)
+    assert (shadow.status, shadow.http_status, shadow.response) == ("interrupted", 503, None)
+
+
+def test_a_request_unanswered_at_the_shutdown_deadline_is_cancelled_and_recorded_interrupted(
+    make_harness,
+) -> None:
+    gw = make_harness(shutdown_timeout_s=2.0)  # 1.5 s for the answer, 0.5 s for the records
+    gw.load_adapter("v1")
+    gw.set_routing(primary="v1")
+    gw.engine.hanging_adapters.add("v1")
+    asking, outcome = ask_in_background(gw)
+    wait_for_engine_call(gw, "v1")
+
+    stop_within(gw, 10)
+    asking.join(10)
+
+    assert outcome and not isinstance(outcome[0], httpx.Response)  # it never got an answer
+    [exchange] = stored_exchanges(gw)
+    assert (exchange.route, exchange.adapter) == ("primary", "v1")
+    assert (exchange.status, exchange.http_status) == ("interrupted", 503)
+
+
+def test_a_request_answered_before_the_shutdown_deadline_is_waited_for(make_harness) -> None:
+    gw = make_harness(shutdown_timeout_s=3600.0)
+    gw.load_adapter("v1")
+    gw.set_routing(primary="v1")
+    gw.engine.hanging_adapters.add("v1")
+    asking, outcome = ask_in_background(gw)
+    wait_for_engine_call(gw, "v1")
+    stopping = threading.Thread(target=gw.client.__exit__, args=(None, None, None), daemon=True)
+    stopping.start()
+
+    time.sleep(0.2)  # the shutdown waits ...
+    gw.engine.hanging_adapters.clear()  # ... for the answer
+    stopping.join(10)
+    asking.join(10)
+
+    assert not stopping.is_alive() and outcome[0].status_code == 200
+    [exchange] = stored_exchanges(gw)
+    assert (exchange.id, exchange.status) == (outcome[0].headers[EXCHANGE_HEADER], "ok")
 
 
 # feedback
@@ -942,9 +1048,9 @@ def test_an_empty_bearer_token_never_passes_and_an_empty_secret_is_refused(make_
     response = gw.client.get("/admin/routing", headers={"authorization": "Bearer "})
     assert_openai_error(response, 401, "invalid_admin_token")
     with pytest.raises(ValueError, match="non-empty"):
-        GatewayConfig(served_model_name="m", admin_token="")
+        GatewayConfig(served_model_name="m", admin_token="", spill_file=Path("spill.jsonl"))
     with pytest.raises(ValueError, match="non-empty"):
-        GatewayConfig(served_model_name="m", admin_token="t", api_keys=["sk", ""])
+        GatewayConfig("m", "t", Path("spill.jsonl"), api_keys=["sk", ""])
 
 
 def test_a_user_longer_than_the_store_holds_is_a_400_naming_it(gw) -> None:

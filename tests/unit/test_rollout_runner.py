@@ -54,8 +54,9 @@ def candidate(store: Store, tmp_path: Path) -> str:
     return register(store, "support", write_adapter(tmp_path / "c", b"c"), reason="trained").name
 
 
-def traffic(store: Store, candidate: str, route: str, n: int, *, fail: bool = False) -> None:
-    """n primary answers, each mirrored or mirrored-by-canary on the candidate, labelled."""
+def traffic(store: Store, candidate: str, route: str, n: int, *, status: str = "ok") -> None:
+    """n primary answers, each mirrored or mirrored-by-canary on the candidate (ending with
+    `status`), labelled."""
     rows = []
     for _ in range(n):
         now, primary_id = datetime.now(UTC), uuid.uuid4().hex
@@ -64,7 +65,7 @@ def traffic(store: Store, candidate: str, route: str, n: int, *, fail: bool = Fa
         rows.append(exchange_record(
             0, id=uuid.uuid4().hex, adapter=candidate, route=route, created_at=now,
             parent_id=primary_id if route == "shadow" else None, response="Paris",
-            status="error" if fail else "ok", latency_seconds=random.lognormvariate(0, 0.3),
+            status=status, latency_seconds=random.lognormvariate(0, 0.3),
         ))  # fmt: skip
     store.record_exchanges(rows)
     for row in rows[::2]:
@@ -147,7 +148,7 @@ def test_a_candidate_that_fails_every_request_is_rolled_back_and_drained(
     runner: RolloutRunner, store: Store, engine: FakeEngine, candidate: str
 ):
     tick(runner)
-    traffic(store, candidate, "shadow", 40, fail=True)
+    traffic(store, candidate, "shadow", 40, status="error")
     tick(runner)  # the look rolls back; the drain is due at once (drain_s 0)
     assert control.active_rollout(store) is None
     assert store.routing_table() == RoutingTable()
@@ -157,6 +158,18 @@ def test_a_candidate_that_fails_every_request_is_rolled_back_and_drained(
     tick(runner)
     assert candidate not in engine.loaded
     assert store.events(kind="adapter.unloaded")[0].subject == candidate
+
+
+def test_shadows_a_shutdown_interrupted_are_not_the_candidate_s_errors(
+    runner: RolloutRunner, store: Store, candidate: str
+):
+    tick(runner)
+    traffic(store, candidate, "shadow", 40, status="interrupted")
+    tick(runner)
+    active = control.active_rollout(store)
+    assert active is not None and active.stage == "shadow"
+    assert "waiting: 0 of 5 mirrored answers" in active.reason
+    assert status_of(store, candidate) == "shadow"
 
 
 def test_promotion_retires_the_old_primary_and_unloads_it(

@@ -42,6 +42,11 @@ def test_error_rate_counts_every_exchange_and_errors_are_left_out_of_the_rest():
     assert s.mean_response_tokens == 3
 
 
+def test_an_interrupted_exchange_is_neither_an_answer_nor_an_error():
+    s = signals(window(exchange(), error(), exchange(None, status="interrupted")))
+    assert (s.n, s.answered, s.error_rate) == (3, 1, 0.5)
+
+
 def test_mean_logprob_is_over_exchanges_that_carry_one():
     s = signals(window(exchange(logprob=-1.0), exchange(logprob=-0.5), exchange(logprob=None)))
     assert s.mean_logprob == pytest.approx(-0.75)
