@@ -726,3 +726,28 @@ def _when(moment: float | None, change_at: float | None) -> str:
     if change_at is None:
         return f"{moment:.0f} s"
     return f"{moment:.0f} s ({moment - change_at:+.0f} s after the change)"
+
+
+@app.command()
+def demo(
+    state_dir: Annotated[
+        Path, typer.Option(help="Where the stack keeps its state (left for inspection).")
+    ] = Path("tunewatch-demo"),
+    rate: Annotated[float, typer.Option(min=0.01, help="Requests a second.")] = 1.0,
+    time_limit: Annotated[float, typer.Option(min=60, help="Seconds, at most.")] = 2700.0,
+) -> None:
+    """The whole loop on this machine: task-A traffic, a switch to task B, and the daemon's
+    own drift alarm, retrain, shadow, canary and promotion (or rollback), shown live; a
+    report (HTML, JSON) at the end."""
+    from tunewatch.demo.run import DemoPlan, run_demo, write
+
+    stack.configure_logging("WARNING")
+    plan = DemoPlan(rate=rate, time_limit_s=time_limit)
+    result = asyncio.run(run_demo(state_dir.resolve(), plan, console))
+    json_path, html_path = write(result, state_dir)
+    after = f", {result.after.exact_match:.0%} after" if result.after else ""
+    console.print(
+        f"outcome: [bold]{result.outcome}[/bold]; held-out task B exact match "
+        f"{result.before.exact_match:.0%} before{after}"
+    )
+    console.print(f"report: {html_path} and {json_path}; the stack's state: {state_dir}")
