@@ -40,6 +40,7 @@ class AdapterSet:
         self._use_routing(RoutingTable())
         self._registered: dict[str, AdapterRecord] = {}
         self._lock = asyncio.Lock()
+        self.serve_base_through(None)
 
     def is_registered(self, name: str) -> bool:
         return name in self._registered
@@ -47,9 +48,19 @@ class AdapterSet:
     def registered(self) -> list[AdapterRecord]:
         return list(self._registered.values())
 
+    def serve_base_through(self, engine_base_model: str | None) -> None:
+        """Base-model requests go to the engine's own base model (its served name), or, with
+        None, to the identity adapter: the choice for an engine whose LoRA path is not known
+        to leave plain base-model rows alone (serving/vllm_plugin.py)."""
+        self.engine_base_model = engine_base_model
+        metrics.BASE_SERVED_DIRECTLY.set(engine_base_model is not None)
+
     def resolve(self, adapter: str | None) -> str:
-        """The engine-side name of an adapter; None (the base model) is the identity adapter."""
-        return self.base_adapter if adapter is None else adapter
+        """The engine-side name of an adapter; None (the base model) is the engine's base model
+        where that is safe, else the identity adapter."""
+        if adapter is not None:
+            return adapter
+        return self.engine_base_model or self.base_adapter
 
     async def load(self, name: str, path: str, reason: str) -> AdapterRecord:
         fingerprint = await asyncio.to_thread(adapter_fingerprint, path)

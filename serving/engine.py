@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from serving import vllm_plugin
+
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -143,6 +145,7 @@ class EngineLaunch:
     max_model_len: int = 2048
     cpu_kv_cache_gib: int = 2
     cpu_threads: str = "auto"  # VLLM_CPU_OMP_THREADS_BIND: "auto", "0-1", ...
+    lora_fix_marker: Path | None = None  # where serving.vllm_plugin says whether it patched
     extra_args: list[str] = field(default_factory=list)
 
     def command(self) -> list[str]:
@@ -184,4 +187,6 @@ class EngineLaunch:
                 VLLM_CPU_KVCACHE_SPACE=str(self.cpu_kv_cache_gib),
                 VLLM_CPU_OMP_THREADS_BIND=self.cpu_threads,
             )
+        if self.lora_fix_marker is not None:
+            env[vllm_plugin.MARKER_ENV] = str(self.lora_fix_marker)
         return env

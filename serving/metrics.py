@@ -76,6 +76,11 @@ PROCESS_RESTARTS = Counter(
     "Times a supervised child process was restarted after dying.",
     ["process"],
 )
+BASE_SERVED_DIRECTLY = Gauge(
+    "tunewatch_base_served_directly",
+    "1 while base-model requests go to the engine's base model itself, 0 while they go through "
+    "the identity adapter (the engine's LoRA fix not confirmed).",
+)
 ROUTING_ADAPTER = Gauge(
     "tunewatch_routing_adapter",
     "1 for the adapter in each role (primary, canary, shadow) of the routing table in force.",

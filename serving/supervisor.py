@@ -43,6 +43,7 @@ class SupervisedProcess:
         self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = False
+        self.started_at = 0.0  # time.time() of the latest spawn: what it wrote since is its own
 
     @property
     def pid(self) -> int | None:
@@ -50,6 +51,7 @@ class SupervisedProcess:
 
     def spawn(self) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
         with self.log_file.open("ab") as sink:
             self._process = subprocess.Popen(
                 self.command,

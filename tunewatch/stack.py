@@ -23,6 +23,7 @@ import uvicorn
 from pythonjsonlogger.json import JsonFormatter
 
 from rollout.api import rollout_router
+from serving import vllm_plugin
 from serving.adapters import AdapterSet
 from serving.app import create_app
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
@@ -171,8 +172,21 @@ def engine_launch(settings: Settings, model_dir: Path) -> EngineLaunch:
         max_model_len=engine.max_model_len,
         cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
         cpu_threads=engine.cpu_threads,
+        lora_fix_marker=settings.state_dir / "engine-lora-fix.jsonl",
         extra_args=engine.extra_args,
     )
+
+
+async def choose_base_route(gateway: Gateway, launch: EngineLaunch, started_at: float) -> None:
+    """Base-model traffic to the engine's base model itself where every process of the engine
+    launched at `started_at` applied the LoRA fix, else through the identity adapter."""
+    assert launch.lora_fix_marker is not None
+    fixed, why = await asyncio.to_thread(vllm_plugin.confirmed, launch.lora_fix_marker, started_at)
+    gateway.adapters.serve_base_through(launch.served_model_name if fixed else None)
+    if fixed:
+        log.info("base model served directly: the engine's LoRA fix is in place (%s)", why)
+    else:
+        log.warning("base model served through the identity adapter: %s", why)
 
 
 async def _http_ok(url: str) -> bool:
@@ -197,6 +211,10 @@ async def up(settings: Settings, config_file: Path | None) -> None:
 
         return on_restart
 
+    async def engine_restarted() -> None:
+        await choose_base_route(gateway, launch, engine.started_at)  # its processes are new
+        await gateway.adapters.reconcile()
+
     launch = engine_launch(settings, model_dir)
     engine = SupervisedProcess(
         "engine",
@@ -204,7 +222,7 @@ async def up(settings: Settings, config_file: Path | None) -> None:
         launch.environment(),
         settings.state_dir / "engine.log",
         healthy=gateway.engine.healthy,
-        on_restart=recorder("engine.restarted", gateway.adapters.reconcile),
+        on_restart=recorder("engine.restarted", engine_restarted),
         startup_timeout_s=settings.engine.startup_timeout_s,
     )
     tunewatch = str(Path(sys.executable).parent / "tunewatch")
@@ -224,7 +242,8 @@ async def up(settings: Settings, config_file: Path | None) -> None:
     log.info("starting vLLM (about a minute on CPU)", extra={"log": str(engine.log_file)})
     try:
         await engine.start()
-        await _load_identity(gateway, identity_dir)
+        await choose_base_route(gateway, launch, engine.started_at)
+        await _load_identity(gateway, identity_dir)  # the fallback, and the monitor's base
         await monitor_process.start()
         if prometheus_process is not None:
             try:  # an observer: the stack serves without it (its port taken, say)
@@ -262,7 +281,9 @@ def _prometheus(
 
 
 async def serve(settings: Settings, engine_url: str) -> None:
-    """The gateway alone, in front of a vLLM server that runs elsewhere."""
+    """The gateway alone, in front of a vLLM server that runs elsewhere: whether that engine
+    has the LoRA fix cannot be known from here, so the base model is served through the
+    identity adapter."""
     _, identity_dir = await asyncio.to_thread(prepare, settings)
     gateway = build_gateway(settings, engine_url, identity_dir)
     await _load_identity(gateway, identity_dir)

@@ -72,6 +72,40 @@ def test_the_base_model_is_served_through_the_identity_adapter(gw) -> None:
     assert gw.engine.inference_bodies()[-1]["model"] == gw.base_adapter
 
 
+def test_base_requests_go_to_the_engines_base_model_once_its_lora_fix_is_confirmed(gw) -> None:
+    gw.gateway.adapters.serve_base_through(gw.served_model_name)
+    response = gw.chat()
+    exchange = gw.exchange(response.headers[EXCHANGE_HEADER])
+    assert gw.engine.inference_bodies()[-1]["model"] == gw.served_model_name
+    assert response.headers["x-tunewatch-adapter"] == "base"
+    assert (exchange.route, exchange.adapter) == ("primary", "base")
+
+
+def test_adapter_requests_keep_their_adapter_when_the_base_is_served_directly(gw) -> None:
+    gw.load_adapter("v1")
+    gw.set_routing(canary="v1", canary_weight=1.0)
+    gw.gateway.adapters.serve_base_through(gw.served_model_name)
+    gw.chat(user="alice")
+    gw.client.post("/v1/completions", json={"model": "v1", "prompt": "hi"})
+    assert [b["model"] for b in gw.engine.inference_bodies()[-2:]] == ["v1", "v1"]
+
+
+def test_the_base_falls_back_to_the_identity_adapter_when_the_fix_is_lost(gw) -> None:
+    gw.gateway.adapters.serve_base_through(gw.served_model_name)
+    gw.gateway.adapters.serve_base_through(None)  # a restarted engine without the fix
+    gw.chat()
+    assert gw.engine.inference_bodies()[-1]["model"] == gw.base_adapter
+
+
+def test_a_shadow_of_base_traffic_still_answers_on_its_adapter(gw) -> None:
+    gw.load_adapter("v2")
+    gw.set_routing(shadow="v2", shadow_fraction=1.0)
+    gw.gateway.adapters.serve_base_through(gw.served_model_name)
+    gw.chat()
+    gw.drain()
+    assert [b["model"] for b in gw.engine.inference_bodies()[-2:]] == [gw.served_model_name, "v2"]
+
+
 def test_sampling_parameters_pass_through_to_the_engine_untouched(gw) -> None:
     gw.chat(temperature=0.2, max_tokens=17, seed=3, top_k=40)
     sent = gw.engine.inference_bodies()[-1]
@@ -1008,6 +1042,13 @@ def test_the_base_model_is_measured_under_the_adapter_label_base(gw) -> None:
     before = scrape(gw).get(key, 0.0)
     gw.chat()
     assert scrape(gw)[key] == before + 1
+
+
+def test_how_the_base_is_served_is_a_metric(gw) -> None:
+    key = ("tunewatch_base_served_directly", frozenset())
+    assert scrape(gw)[key] == 0
+    gw.gateway.adapters.serve_base_through(gw.served_model_name)
+    assert scrape(gw)[key] == 1
 
 
 def test_an_unknown_model_is_not_measured(gw) -> None:

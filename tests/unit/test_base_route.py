@@ -1,0 +1,36 @@
+"""How `tunewatch up` chooses the base model's road: the engine's own base model once the
+engine it launched confirms the LoRA fix, the identity adapter otherwise."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from serving import vllm_plugin
+from tunewatch.settings import Settings
+from tunewatch.stack import choose_base_route, engine_launch
+
+
+def launch_in(tmp_path: Path):
+    return engine_launch(Settings(state_dir=tmp_path), tmp_path / "model")
+
+
+def test_the_engine_is_told_where_to_write_the_marker(tmp_path: Path) -> None:
+    launch = launch_in(tmp_path)
+    assert launch.environment()[vllm_plugin.MARKER_ENV] == str(launch.lora_fix_marker)
+    assert launch.lora_fix_marker.parent == tmp_path
+
+
+def test_a_confirmed_fix_sends_the_base_to_the_engines_base_model(gw, tmp_path: Path) -> None:
+    launch, started = launch_in(tmp_path), time.time()
+    line = {"pid": 1, "time": time.time(), "applied": True, "reason": "applied"}
+    launch.lora_fix_marker.write_text(json.dumps(line) + "\n")
+    gw.run(choose_base_route, gw.gateway, launch, started)
+    assert gw.gateway.adapters.resolve(None) == launch.served_model_name
+
+
+def test_an_unconfirmed_fix_keeps_the_identity_adapter(gw, tmp_path: Path) -> None:
+    gw.gateway.adapters.serve_base_through(gw.served_model_name)  # as before a restart
+    gw.run(choose_base_route, gw.gateway, launch_in(tmp_path), time.time())
+    assert gw.gateway.adapters.resolve(None) == gw.base_adapter
