@@ -2,14 +2,18 @@
 
 Two measurements in one run (benchmarks print; tests never time, see docs/design.md):
 
-real      The same chat completions sent straight to a running vLLM and through the
-          gateway in front of it (recording on, SQLite store in a temp dir), at
-          concurrency 1 and 8. Both sides do the same engine work: the gateway routes its
-          served model name to the primary, the base model through the identity adapter,
-          and the direct requests name that adapter themselves and ask for the token
-          logprobs the gateway always asks for. Every answer is exactly MAX_TOKENS long
-          (temperature 0, ignore_eos). Direct and gateway rounds alternate (ABBA), so a
-          machine that drifts favours neither side. Target: gateway p50 / direct p50 <= 1.05.
+real      The same streamed chat completions sent straight to a running vLLM and through
+          the gateway in front of it (recording on, SQLite store in a temp dir), at
+          concurrency 1 and 8, on both of the base model's roads: the engine's base model
+          itself (as `tunewatch up` serves it once the engine's LoRA fix is confirmed) and
+          the identity adapter (the fallback). Each gateway side does the same engine work
+          as its direct side: the direct requests name the base model or the identity
+          adapter themselves and ask for the token logprobs the gateway always asks for.
+          Every answer is exactly MAX_TOKENS long (temperature 0, ignore_eos). The four
+          sides' rounds alternate (ABBA), so a machine that drifts favours none.
+          Printed: output tokens/s and median time to first token, and their ratios
+          (gateway / direct on each road; base model / identity adapter, direct).
+          Target: gateway p50 / direct p50 <= 1.05.
 
 overhead  The gateway in front of an instant fake engine against a bare FastAPI + httpx
           pass-through proxy in front of the same fake engine, at concurrency 8. With an
@@ -25,7 +29,9 @@ overhead  The gateway in front of an instant fake engine against a bare FastAPI 
 
 The real part needs a vLLM already running at --engine-url (this starts none); it loads
 the identity adapter there as `tunewatch serve` does, and unloads it afterwards if it
-was not loaded before. Settings (cache dir, model) come from TUNEWATCH_* variables.
+was not loaded before. It measures speed only: it sends the base model's road to a vLLM
+whose LoRA fix it does not check (with no other adapter loaded, no slot is ever full).
+Settings (cache dir, model) come from TUNEWATCH_* variables.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import math
 import multiprocessing
 import os
 import secrets
+import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -93,11 +100,15 @@ class Result:
     name: str
     concurrency: int
     latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)  # streamed requests only
+    output_tokens: int = 0  # streamed requests only (their usage)
     wall_s: float = 0.0
     cpu_s: float | None = None  # the server process's CPU, where it runs in a process of its own
 
-    def add(self, latencies: list[float], wall_s: float, cpu_s: float | None) -> None:
-        self.latencies += latencies
+    def add(self, answers: Answers, wall_s: float, cpu_s: float | None) -> None:
+        self.latencies += answers.latencies
+        self.ttfts += answers.ttfts
+        self.output_tokens += answers.output_tokens
         self.wall_s += wall_s
         if cpu_s is not None:
             self.cpu_s = (self.cpu_s or 0.0) + cpu_s
@@ -105,6 +116,13 @@ class Result:
     @property
     def rps(self) -> float:
         return len(self.latencies) / self.wall_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    def ttft_median_ms(self) -> float:
+        return 1000 * statistics.median(self.ttfts)
 
     @property
     def cpu_ms_per_request(self) -> float | None:
@@ -160,29 +178,61 @@ class Target:
 # load generation
 
 
+@dataclass
+class Answers:
+    """What one batch of requests measured: latencies; for streams, first tokens and usage."""
+
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+
+
 async def fire(
     client: httpx.AsyncClient, target: Target, bodies: list[dict[str, Any]], concurrency: int
-) -> tuple[list[float], float]:
-    """Send every body with `concurrency` workers; the latencies and the wall time taken."""
-    latencies: list[float] = []
+) -> tuple[Answers, float]:
+    """Send every body with `concurrency` workers; what they measured and the wall time taken."""
+    answers = Answers()
     pending = iter(bodies)
 
     async def worker() -> None:
         for body in pending:
             started = time.perf_counter()
-            response = await client.post(target.url, json=body)
-            latencies.append(time.perf_counter() - started)
-            response.raise_for_status()
+            if body.get("stream"):
+                await read_stream(client, target.url, body, started, answers)
+            else:
+                response = await client.post(target.url, json=body)
+                response.raise_for_status()
+            answers.latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - started
+    return answers, time.perf_counter() - started
+
+
+async def read_stream(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], started: float, answers: Answers
+) -> None:
+    """Read one streamed answer to its end: its first token's time and its usage."""
+    first: float | None = None
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                answers.output_tokens += chunk["usage"]["completion_tokens"]
+    if first is None:
+        raise RuntimeError(f"{url} streamed no token")
+    answers.ttfts.append(first)
 
 
 async def compare(
-    client: httpx.AsyncClient, targets: tuple[Target, Target], requests: int, concurrency: int
+    client: httpx.AsyncClient, targets: tuple[Target, ...], requests: int, concurrency: int
 ) -> list[Result]:
-    """`requests` per target in up to ROUNDS rounds, A-B then B-A, so drift cancels out.
+    """`requests` per target in up to ROUNDS rounds, A-B-.. then ..-B-A, so drift cancels out.
 
     A round holds at least `concurrency` requests, or it would never reach that concurrency.
     """
@@ -193,10 +243,10 @@ async def compare(
         console.print(f"  [dim]c={concurrency}: round {round_index + 1}/{len(counts)}[/dim]")
         for target in targets if round_index % 2 == 0 else targets[::-1]:
             cpu_before = target.server.cpu_s()
-            latencies, wall_s = await fire(client, target, target.bodies(start, count), concurrency)
+            answers, wall_s = await fire(client, target, target.bodies(start, count), concurrency)
             cpu_after = target.server.cpu_s()
             cpu_s = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-            results[target.name].add(latencies, wall_s, cpu_s)
+            results[target.name].add(answers, wall_s, cpu_s)
         start += count
     return list(results.values())
 
@@ -401,67 +451,89 @@ async def engine_is_up(engine_url: str) -> bool:
 
 
 async def real_part(engine_url: str, requests: int, workdir: Path) -> list[Result]:
-    """Build the gateway as `tunewatch serve` does, load its identity adapter, measure, clean up."""
+    """Build two gateways as `tunewatch up` and `tunewatch serve` do (the base model served
+    directly; through the identity adapter), load the identity adapter, measure, clean up."""
     settings = bench_settings(workdir)
     _, identity_dir = await asyncio.to_thread(prepare, settings)
-    gateway = build_gateway(settings, engine_url, identity_dir)
-    adapter = gateway.adapters.base_adapter
+    served_name = settings.engine.served_model_name
+    through_identity = build_gateway(settings, engine_url, identity_dir)
+    direct = build_gateway(settings, engine_url, identity_dir)
+    direct.adapters.serve_base_through(served_name)
+    adapter = through_identity.adapters.base_adapter
     try:
-        loaded_before = adapter in await gateway.engine.model_ids()
-        await gateway.adapters.load(adapter, str(identity_dir), reason="identity adapter (bench)")
+        loaded_before = adapter in await through_identity.engine.model_ids()
+        await through_identity.adapters.load(
+            adapter, str(identity_dir), reason="identity adapter (bench)"
+        )
         try:
-            return await measure_real(gateway, settings.engine.served_model_name, requests)
+            return await measure_real(direct, through_identity, served_name, requests)
         finally:
             if not loaded_before:  # leave the engine as we found it
-                await gateway.engine.unload_adapter(adapter)
+                await through_identity.engine.unload_adapter(adapter)
     finally:
-        await gateway.engine.aclose()
-        gateway.store.close()
+        for gateway in (direct, through_identity):
+            await gateway.engine.aclose()
+            gateway.store.close()
 
 
-async def measure_real(gateway: Gateway, served_name: str, requests: int) -> list[Result]:
-    """Direct vs gateway at concurrency 1 (a quarter of `requests`) and 8 (`requests`).
+async def measure_real(
+    direct: Gateway, through_identity: Gateway, served_name: str, requests: int
+) -> list[Result]:
+    """vLLM vs gateway on both roads, at concurrency 1 (a quarter of `requests`) and 8
+    (`requests`).
 
-    The gateway serves from this process's event loop: next to seconds of generation per
+    The gateways serve from this process's event loop: next to seconds of generation per
     request, the load generator's share of it is noise.
     """
-    engine_url, adapter = gateway.engine.base_url, gateway.adapters.base_adapter
+    engine_url, adapter = direct.engine.base_url, through_identity.adapters.base_adapter
     single = max(1, requests // 4)
     console.print(
-        f"[bold]real[/bold]: vLLM at {engine_url}, adapter {adapter}; "
-        f"{single} requests per side at concurrency 1, {requests} at concurrency 8"
+        f"[bold]real[/bold]: vLLM at {engine_url}, base model {served_name!r} and identity "
+        f"adapter {adapter}; {single} requests per side at concurrency 1, {requests} at 8"
     )
+    stream = {"stream": True, "stream_options": {"include_usage": True}}
     async with (
-        served_in_process(create_app(gateway)) as gateway_server,
+        served_in_process(create_app(direct)) as direct_server,
+        served_in_process(create_app(through_identity)) as identity_server,
         httpx.AsyncClient(timeout=300.0, limits=httpx.Limits(max_connections=16)) as client,
     ):
+        vllm = Server(engine_url)
         targets = (
-            Target("direct vLLM", Server(engine_url), {"model": adapter, "logprobs": True}),
-            Target("gateway", gateway_server, {"model": served_name}),
+            Target(BASE_VLLM, vllm, {"model": served_name, "logprobs": True, **stream}),
+            Target(BASE_GATEWAY, direct_server, {"model": served_name, **stream}),
+            Target(IDENTITY_VLLM, vllm, {"model": adapter, "logprobs": True, **stream}),
+            Target(IDENTITY_GATEWAY, identity_server, {"model": served_name, **stream}),
         )
         await warm_up(client, targets, 2, 1)
         results = await compare(client, targets, single, 1)
         results += await compare(client, targets, requests, 8)
-    console.print(f"  gateway recorded {gateway.store.count_exchanges()} exchanges")
+    console.print(f"  gateways recorded {direct.store.count_exchanges()} exchanges")
     return results
 
 
 # report
+
+BASE_VLLM, BASE_GATEWAY = "vLLM, base model", "gateway, base model"
+IDENTITY_VLLM, IDENTITY_GATEWAY = "vLLM, identity adapter", "gateway, identity adapter"
 
 
 def figures_table(title: str, results: list[Result]) -> Table:
     """One row per side; CPU ms/req is the server process's own CPU ("-": not measured)."""
     table = Table(title=title)
     table.add_column("side", no_wrap=True)
-    for column in ("conc.", "requests", "req/s", "p50 ms", "p99 ms", "CPU ms/req"):
+    columns = ("conc.", "requests", "req/s", "out tok/s", "TTFT p50 ms", "p50 ms", "p99 ms")
+    for column in (*columns, "CPU ms/req"):
         table.add_column(column, justify="right")
     for r in results:
         cpu = "-" if r.cpu_ms_per_request is None else f"{r.cpu_ms_per_request:.2f}"
+        streamed = bool(r.ttfts)
         table.add_row(
             r.name,
             str(r.concurrency),
             str(len(r.latencies)),
             f"{r.rps:.2f}",
+            f"{r.tokens_per_s:.1f}" if streamed else "-",
+            f"{r.ttft_median_ms():.1f}" if streamed else "-",
             f"{r.quantile_ms(0.5):.1f}",
             f"{r.quantile_ms(0.99):.1f}",
             cpu,
@@ -479,10 +551,32 @@ def ratios_table(real: list[Result], overhead: list[Result]) -> Table:
         table.add_row(label, f"{value:.3f}", target, verdict)
 
     for concurrency in sorted({r.concurrency for r in real}):
-        direct, gateway = (r for r in real if r.concurrency == concurrency)
-        p50 = gateway.quantile_ms(0.5) / direct.quantile_ms(0.5)
-        row(f"gateway p50 / direct p50, c={concurrency}", p50, "<= 1.05", p50 <= 1.05)
-        row(f"gateway req/s / direct req/s, c={concurrency}", gateway.rps / direct.rps, "", None)
+        side = {r.name: r for r in real if r.concurrency == concurrency}
+        for road, (direct, gateway) in {
+            "base model": (side[BASE_VLLM], side[BASE_GATEWAY]),
+            "identity": (side[IDENTITY_VLLM], side[IDENTITY_GATEWAY]),
+        }.items():
+            at = f"{road}, c={concurrency}"
+            p50 = gateway.quantile_ms(0.5) / direct.quantile_ms(0.5)
+            row(f"gateway p50 / direct p50, {at}", p50, "<= 1.05", p50 <= 1.05)
+            tokens = gateway.tokens_per_s / direct.tokens_per_s
+            row(f"gateway out tok/s / direct out tok/s, {at}", tokens, "", None)
+            ttft = gateway.ttft_median_ms() / direct.ttft_median_ms()
+            row(f"gateway TTFT p50 / direct TTFT p50, {at}", ttft, "", None)
+        base, identity = side[BASE_VLLM], side[IDENTITY_VLLM]
+        at = f"vLLM, c={concurrency}"
+        row(
+            f"base out tok/s / identity out tok/s, {at}",
+            base.tokens_per_s / identity.tokens_per_s,
+            "",
+            None,
+        )
+        row(
+            f"base TTFT p50 / identity TTFT p50, {at}",
+            base.ttft_median_ms() / identity.ttft_median_ms(),
+            "",
+            None,
+        )
     if overhead:
         gateway, proxy = overhead
         rps = gateway.rps / proxy.rps

@@ -1,8 +1,9 @@
 """The vLLM engine: how to launch its OpenAI server, and the HTTP client that talks to it.
 
-One engine hosts every adapter (primary, canary, shadow, and the identity adapter that
-stands for the base model). The gateway reaches it only through `EngineClient`, whose
-transport a test can swap for `httpx.MockTransport`.
+One engine hosts the base model and every adapter (primary, canary, shadow, and the
+identity adapter that stands for the base model where the engine's LoRA fix is not
+confirmed). The gateway reaches it only through `EngineClient`, whose transport a test can
+swap for `httpx.MockTransport`.
 """
 
 from __future__ import annotations

