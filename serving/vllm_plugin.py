@@ -94,8 +94,8 @@ def masked(op: Callable[..., None]) -> Callable[..., None]:
 
 
 def confirmed(marker: Path, since: float) -> tuple[bool, str]:
-    """Whether every vLLM process that loaded plugins since `since` (a `time.time()`) applied
-    the fix, at least one did; and why not otherwise, in words for a log line."""
+    """Whether the vLLM processes that loaded plugins since `since` (a `time.time()`) all
+    applied the fix, and there was at least one; and why not otherwise, for a log line."""
     try:
         lines = marker.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
