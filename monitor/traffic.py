@@ -64,6 +64,39 @@ def exchanges_since(
     return [_view(row, feedback) for row in rows]
 
 
+def recorded_since(
+    store: Store,
+    adapter: str,
+    routes: Collection[str],
+    recorded_from: datetime,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+) -> list[tuple[str, datetime, str]]:
+    """(id, created_at, route) of the exchanges `exchanges_since` reads that the store wrote
+    from `recorded_from` on: what a reader following the table may not have seen yet."""
+    query = select(Exchange.id, Exchange.created_at, Exchange.route).where(
+        Exchange.recorded_at >= recorded_from,
+        Exchange.adapter == adapter,
+        Exchange.route.in_(tuple(routes)),
+        Exchange.created_at >= since,
+    )
+    if until is not None:
+        query = query.where(Exchange.created_at <= until)
+    with store.session() as session:
+        return [(row.id, row.created_at, row.route) for row in session.execute(query)]
+
+
+def feedback_since(store: Store, posted_from: datetime) -> list[tuple[int, str, datetime]]:
+    """(feedback id, exchange id, when written) of the feedback the store wrote from
+    `posted_from` on."""
+    query = select(Feedback.id, Feedback.exchange_id, Feedback.created_at).where(
+        Feedback.created_at >= posted_from
+    )
+    with store.session() as session:
+        return [(row.id, row.exchange_id, row.created_at) for row in session.execute(query)]
+
+
 def exchanges_by_id(store: Store, ids: Collection[str]) -> list[ExchangeView]:
     """These exchanges (those that exist), with their newest feedback."""
     wanted, rows = sorted(ids), []

@@ -28,7 +28,10 @@ class Exchange(Base):
     __tablename__ = "exchanges"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # request arrived
+    # When the store wrote it: a reader that follows the table reads from here (ids are
+    # random, and `created_at` is the arrival, written a whole request later).
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     route: Mapped[str] = mapped_column(String(16))  # primary | canary | shadow | pinned
     adapter: Mapped[str] = mapped_column(String(128), index=True)
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("exchanges.id"), index=True)
@@ -55,7 +58,7 @@ class Feedback(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     exchange_id: Mapped[str] = mapped_column(ForeignKey("exchanges.id"), index=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # when written
     reference: Mapped[str | None] = mapped_column(Text)
     rating: Mapped[float | None] = mapped_column(Float)
 
