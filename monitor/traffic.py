@@ -76,15 +76,19 @@ def recorded_since(
     """(id, created_at, route) of the exchanges `exchanges_since` reads that the store wrote
     from `recorded_from` on: what a reader following the table may not have seen yet."""
     query = select(Exchange.id, Exchange.created_at, Exchange.route).where(
-        Exchange.recorded_at >= recorded_from,
         Exchange.adapter == adapter,
+        Exchange.recorded_at >= recorded_from,
         Exchange.route.in_(tuple(routes)),
-        Exchange.created_at >= since,
     )
-    if until is not None:
-        query = query.where(Exchange.created_at <= until)
     with store.session() as session:
-        return [(row.id, row.created_at, row.route) for row in session.execute(query)]
+        rows = session.execute(query)
+        # The arrival is checked here: in SQL, the planner may range over it (the whole
+        # rollout) rather than over the write stamp (the last few seconds).
+        return [
+            (row.id, row.created_at, row.route)
+            for row in rows
+            if row.created_at >= since and (until is None or row.created_at <= until)
+        ]
 
 
 def feedback_since(store: Store, posted_from: datetime) -> list[tuple[int, str, datetime]]:

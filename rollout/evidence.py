@@ -186,7 +186,7 @@ class RolloutEvidence:
             candidate = self._new_exchanges(store, self.candidate, CANDIDATE_ROUTES, self._served)
         self._read_from = started - timedelta(seconds=SETTLE_S)
         # Only what was held before: what is read now is read with its references.
-        relabelled = posted & (self._parents.keys() | self._goldens.keys())
+        relabelled = {i for i in posted if i in self._parents or i in self._goldens}
         for e in primary:
             if e.route == "golden":
                 self._goldens[e.id] = e
