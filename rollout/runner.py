@@ -224,7 +224,11 @@ class RolloutRunner:
             rollout = load(session, rollout_id)
         assert rollout is not None
         evidence = self._evidence_of(rollout)
-        evidence.update(self.store)
+        try:
+            evidence.update(self.store)
+        except Exception:
+            self._evidence = None  # read in part: the next look reads it whole
+            raise
         gathered = evidence.gathered(rollout.state)
         judgement = judge(gathered.evidence, rollout.config.guards)
         now = datetime.now(UTC)
