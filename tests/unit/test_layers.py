@@ -99,6 +99,7 @@ def test_no_modules_import_each_other_round_a_loop() -> None:
 # The gateway's app built as `tunewatch serve` builds it, every rollout route asked once.
 GATEWAY_PROBE = """
 import sys, tempfile
+from pathlib import Path
 from fastapi.testclient import TestClient
 import tunewatch.cli
 from serving.adapters import AdapterSet
@@ -107,9 +108,11 @@ from serving.gateway import Gateway, GatewayConfig
 from store import Store
 from tunewatch.stack import gateway_app
 
-store = Store(f"sqlite:///{tempfile.mkdtemp()}/t.db")
+state = tempfile.mkdtemp()
+store = Store(f"sqlite:///{state}/t.db")
 engine = EngineClient("http://127.0.0.1:9")
-gateway = Gateway(GatewayConfig("m", "token"), store, engine, AdapterSet(store, engine, "base"))
+config = GatewayConfig("m", "token", spill_file=Path(state) / "spill.jsonl")
+gateway = Gateway(config, store, engine, AdapterSet(store, engine, "base"))
 client = TestClient(gateway_app(gateway, hooks=[]))
 auth = {"authorization": "Bearer token"}
 for path in ("", "/current", "/1", "/commands/1"):
