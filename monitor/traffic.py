@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from monitor.window import ExchangeView, Window
 from serving.exchange import BASE_LABEL
@@ -64,6 +64,43 @@ def exchanges_since(
     return [_view(row, feedback) for row in rows]
 
 
+def recorded_since(
+    store: Store,
+    adapter: str,
+    routes: Collection[str],
+    recorded_from: datetime,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+) -> list[tuple[str, datetime, str]]:
+    """(id, created_at, route) of the exchanges `exchanges_since` reads that the store wrote
+    from `recorded_from` on: what a reader following the table may not have seen yet."""
+    query = select(Exchange.id, Exchange.created_at, Exchange.route).where(
+        Exchange.adapter == adapter,
+        Exchange.recorded_at >= recorded_from,
+        Exchange.route.in_(tuple(routes)),
+    )
+    with store.session() as session:
+        rows = session.execute(query)
+        # The arrival is checked here: in SQL, the planner may range over it (the whole
+        # rollout) rather than over the write stamp (the last few seconds).
+        return [
+            (row.id, row.created_at, row.route)
+            for row in rows
+            if row.created_at >= since and (until is None or row.created_at <= until)
+        ]
+
+
+def feedback_since(store: Store, posted_from: datetime) -> list[tuple[int, str, datetime]]:
+    """(feedback id, exchange id, when written) of the feedback the store wrote from
+    `posted_from` on."""
+    query = select(Feedback.id, Feedback.exchange_id, Feedback.created_at).where(
+        Feedback.created_at >= posted_from
+    )
+    with store.session() as session:
+        return [(row.id, row.exchange_id, row.created_at) for row in session.execute(query)]
+
+
 def exchanges_by_id(store: Store, ids: Collection[str]) -> list[ExchangeView]:
     """These exchanges (those that exist), with their newest feedback."""
     wanted, rows = sorted(ids), []
@@ -90,23 +127,22 @@ def labelled_exchanges(
     `adapter` keeps one adapter's. Shadow replays carry no feedback of their own (it is
     posted for the exchange the user saw), golden runs are read from their set.
     """
+    labelled = select(Feedback.id).where(
+        Feedback.exchange_id == Exchange.id, Feedback.reference.is_not(None)
+    )
+    if since is not None:
+        labelled = labelled.where(Feedback.created_at > since)
+    # The exchanges in time order (an index), each checked for a reference, up to `limit`:
+    # never the whole labelled history, as a join grouped and then sorted would read.
+    query = (
+        select(Exchange.id)
+        .where(Exchange.status == "ok", Exchange.route.in_(LABELLED_ROUTES), labelled.exists())
+        .order_by(Exchange.created_at.desc() if newest else Exchange.created_at.asc())
+        .limit(limit)
+    )
+    if adapter is not None:
+        query = query.where(Exchange.adapter == adapter)
     with store.session() as session:
-        query = (
-            select(Exchange.id)
-            .join(Feedback, Feedback.exchange_id == Exchange.id)
-            .where(
-                Feedback.reference.is_not(None),
-                Exchange.status == "ok",
-                Exchange.route.in_(LABELLED_ROUTES),
-            )
-            .group_by(Exchange.id, Exchange.created_at)
-            .order_by(Exchange.created_at.desc() if newest else Exchange.created_at.asc())
-            .limit(limit)
-        )
-        if since is not None:
-            query = query.where(Feedback.created_at > since)
-        if adapter is not None:
-            query = query.where(Exchange.adapter == adapter)
         ids = list(session.scalars(query))
         found = session.scalars(select(Exchange).where(Exchange.id.in_(ids)))
         rows = {row.id: row for row in found}
@@ -114,17 +150,26 @@ def labelled_exchanges(
     return [_view(rows[i], feedback) for i in ids]
 
 
-def count_labelled(store: Store, *, since: datetime | None = None) -> int:
-    """How many live exchanges got a reference after `since` (all of them when None)."""
+def count_labelled(store: Store, *, at_most: int, since: datetime | None = None) -> int:
+    """How many live exchanges got a reference after `since` (since the first when None),
+    counted up to `at_most`: a threshold needs no more, and the count reads no further than
+    it must (the references in the order posted, an index), never the whole history."""
+    query = (
+        select(Feedback.exchange_id)
+        .join(Exchange, Feedback.exchange_id == Exchange.id)
+        .where(Feedback.reference.is_not(None), Exchange.route.in_(LABELLED_ROUTES))
+        .order_by(Feedback.created_at)
+        .execution_options(yield_per=500)
+    )
+    if since is not None:
+        query = query.where(Feedback.created_at > since)
+    labelled: set[str] = set()
     with store.session() as session:
-        query = (
-            select(func.count(func.distinct(Exchange.id)))
-            .join(Feedback, Feedback.exchange_id == Exchange.id)
-            .where(Feedback.reference.is_not(None), Exchange.route.in_(LABELLED_ROUTES))
-        )
-        if since is not None:
-            query = query.where(Feedback.created_at > since)
-        return session.scalar(query) or 0
+        for exchange_id in session.scalars(query):
+            if len(labelled) >= at_most:
+                break
+            labelled.add(exchange_id)
+    return len(labelled)
 
 
 def adapter_labels(store: Store, base_adapter: str | None) -> list[str]:

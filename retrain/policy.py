@@ -100,7 +100,7 @@ class Observation:
     refusal: str | None = None  # why the monitor refused to judge, in its words
     quality: float | None = None  # the quality figure on this window; None: not measured
     quality_baseline: float | None = None  # the serving adapter's score on the same figure
-    new_labelled: int = 0  # labelled examples recorded since the last retrain
+    new_labelled: int = 0  # labelled since the last retrain (the trigger counts to M only)
     rollout_in_progress: bool = False
     retrain_job: PendingJob = "none"  # the retrain job the store holds, if any
 

@@ -131,7 +131,9 @@ class Trigger:
             refusal=check.reason if check.share is None else None,
             quality=current,
             quality_baseline=baseline,
-            new_labelled=count_labelled(self.store, since=policy.last_retrain_at),
+            new_labelled=count_labelled(
+                self.store, since=policy.last_retrain_at, at_most=self.config.min_new_labelled
+            ),
             rollout_in_progress=self._rollout_in_progress(),
             retrain_job=self._job_status(),
         )

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
@@ -29,7 +30,7 @@ from monitor.window import AnswerMetric
 from registry.versions import change_status, status_counts
 from rollout import control, metrics
 from rollout.control import CommandView
-from rollout.evidence import Score, gather
+from rollout.evidence import RolloutEvidence
 from rollout.guards.sequences import judge
 from rollout.machine import (
     FINISHED,
@@ -42,7 +43,7 @@ from rollout.machine import (
     decide_rollout,
     start,
 )
-from rollout.repository import config_to_dict, load, load_active, write_state
+from rollout.repository import RolloutRecord, config_to_dict, load, load_active, write_state
 from serving.engine import EngineClient, EngineUnavailableError, InvalidAdapterError
 from store import Store
 from store.adapters import Adapter, RoutingTable, add_routing_change
@@ -96,7 +97,7 @@ class RolloutRunner:
     ) -> None:
         self.store, self.engine, self.config = store, engine, config
         self.golden = golden  # a golden run of every routed adapter (the monitor's)
-        self._scores: dict[tuple[str, str, str], float] = {}  # (metric, answer, ref) -> score
+        self._evidence: RolloutEvidence | None = None  # the rollout in progress's, so far
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def tick(self) -> None:
@@ -208,22 +209,27 @@ class RolloutRunner:
 
     # looking and moving
 
-    def _score(self, metric: AnswerMetric) -> Score:
-        def score(answer: str, reference: str) -> float:
-            key = (metric, answer, reference)
-            if key not in self._scores:
-                self._scores[key] = answer_score(answer, reference, metric)
-            return self._scores[key]
-
-        return score
+    def _evidence_of(self, rollout: RolloutRecord) -> RolloutEvidence:
+        """The rollout's evidence, read whole at its first look in this process (and after a
+        restart), then only what is new: kept in memory, since a full reading gives the same."""
+        if self._evidence is None or self._evidence.rollout_id != rollout.row.id:
+            metric = rollout.metric or self.config.metric  # the one it started with
+            score = partial(answer_score, metric=metric)
+            self._evidence = RolloutEvidence(rollout.row, metric, score)
+        return self._evidence
 
     def look(self, rollout_id: int) -> Transition:
         """One look at the rollout: decide on its evidence, apply, record."""
         with self.store.session() as session:
             rollout = load(session, rollout_id)
         assert rollout is not None
-        metric = rollout.metric or self.config.metric  # the one it started with
-        gathered = gather(self.store, rollout, metric, self._score(metric))
+        evidence = self._evidence_of(rollout)
+        try:
+            evidence.update(self.store)
+        except Exception:
+            self._evidence = None  # read in part: the next look reads it whole
+            raise
+        gathered = evidence.gathered(rollout.state)
         judgement = judge(gathered.evidence, rollout.config.guards)
         now = datetime.now(UTC)
         observation = Observation(now, gathered.stage_samples, judgement)
@@ -280,6 +286,8 @@ class RolloutRunner:
                 )
             )
             candidate = row.candidate
+        if after.stage in FINISHED and self._evidence and self._evidence.rollout_id == rollout_id:
+            self._evidence = None  # nothing looks at it again
         metrics.publish_rollout(candidate, after.stage, after.weight(config))
         if transition.action in ("promote", "rollback"):
             metrics.ROLLOUT_ENDS.labels(

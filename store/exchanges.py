@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, func, insert, select
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, func, insert, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from store.base import Base, StoreBase, utcnow
@@ -29,11 +29,20 @@ class Exchange(Base):
     """One request and its answer, as the client saw them (shadow calls are exchanges too)."""
 
     __tablename__ = "exchanges"
+    # Every reader asks for one adapter's exchanges in time order: the newest window, the
+    # rollout's since it started, what was written since the last look.
+    __table_args__ = (
+        Index("ix_exchanges_adapter_created_at", "adapter", "created_at"),
+        Index("ix_exchanges_adapter_recorded_at", "adapter", "recorded_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # request arrived
+    # When the store wrote it: a reader that follows the table reads from here (ids are
+    # random, and `created_at` is the arrival, written a whole request later).
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
     route: Mapped[str] = mapped_column(String(16))  # primary | canary | shadow | pinned
-    adapter: Mapped[str] = mapped_column(String(128), index=True)
+    adapter: Mapped[str] = mapped_column(String(128))
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("exchanges.id"), index=True)
     endpoint: Mapped[str] = mapped_column(String(32))  # chat.completions | completions
     user: Mapped[str | None] = mapped_column(String(256))
@@ -58,7 +67,7 @@ class Feedback(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     exchange_id: Mapped[str] = mapped_column(ForeignKey("exchanges.id"), index=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # when written
     reference: Mapped[str | None] = mapped_column(Text)
     rating: Mapped[float | None] = mapped_column(Float)
 

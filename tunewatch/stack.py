@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 from pythonjsonlogger.json import JsonFormatter
 
 from rollout.api import rollout_router
@@ -129,14 +130,17 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+def gateway_app(gateway: Gateway, hooks: list[Callable[[], Awaitable[Any]]]) -> FastAPI:
+    """The gateway's app as `serve` and `up` run it: inference, admin and the rollouts' API."""
+    return create_app(gateway, lifespan_hooks=hooks, admin_routers=[rollout_router(gateway.store)])
+
+
 async def _serve_http(
     settings: Settings, gateway: Gateway, hooks: list[Callable[[], Awaitable[Any]]]
 ) -> None:
     server = _Server(
         uvicorn.Config(
-            create_app(
-                gateway, lifespan_hooks=hooks, admin_routers=[rollout_router(gateway.store)]
-            ),
+            gateway_app(gateway, hooks),
             host=settings.gateway.host,
             port=settings.gateway.port,
             log_config=None,

@@ -96,12 +96,38 @@ def test_no_modules_import_each_other_round_a_loop() -> None:
     assert not cycles, " ; ".join(" -> ".join(cycle) for cycle in cycles)
 
 
+# The gateway's app built as `tunewatch serve` builds it, every rollout route asked once.
+GATEWAY_PROBE = """
+import sys, tempfile
+from pathlib import Path
+from fastapi.testclient import TestClient
+import tunewatch.cli
+from serving.adapters import AdapterSet
+from serving.engine import EngineClient
+from serving.gateway import Gateway, GatewayConfig
+from store import Store
+from tunewatch.stack import gateway_app
+
+state = tempfile.mkdtemp()
+store = Store(f"sqlite:///{state}/t.db")
+engine = EngineClient("http://127.0.0.1:9")
+config = GatewayConfig("m", "token", spill_file=Path(state) / "spill.jsonl")
+gateway = Gateway(config, store, engine, AdapterSet(store, engine, "base"))
+client = TestClient(gateway_app(gateway, hooks=[]))
+auth = {"authorization": "Bearer token"}
+for path in ("", "/current", "/1", "/commands/1"):
+    assert client.get(f"/admin/rollouts{path}", headers=auth).status_code in (200, 404), path
+for path, body in (("", {"adapter": "a"}), ("/current/pause", None)):
+    assert client.post(f"/admin/rollouts{path}", json=body, headers=auth).status_code == 409
+print(sorted({"scipy", "torch"} & {m.split(".")[0] for m in sys.modules}))
+"""
+
+
 def test_the_gateway_process_imports_neither_scipy_nor_torch() -> None:
     """`tunewatch serve` runs the CLI, the gateway and the rollouts' admin API in one process:
     the API needs the guards' types, never their statistics."""
-    probe = (
-        "import sys, tunewatch.cli, tunewatch.stack; "
-        "print(sorted({'scipy', 'torch'} & {m.split('.')[0] for m in sys.modules}))"
+    done = subprocess.run(
+        [sys.executable, "-c", GATEWAY_PROBE], capture_output=True, text=True, cwd=ROOT
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

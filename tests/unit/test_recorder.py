@@ -97,7 +97,9 @@ def stored(store: Store, exchange_id: str) -> dict[str, Any] | None:
     row = store.get_exchange(exchange_id)
     if row is None:
         return None
-    return {column.name: getattr(row, column.name) for column in Exchange.__table__.columns}
+    # As it was submitted: `recorded_at` is the store's own stamp of when the row was written.
+    columns = [c.name for c in Exchange.__table__.columns if c.name != "recorded_at"]
+    return {name: getattr(row, name) for name in columns}
 
 
 def counted(name: str, **labels: str) -> float:

@@ -248,6 +248,25 @@ def test_a_restarted_controller_resumes_the_rollout_where_it_stood(
     assert store.routing_table() == routing
 
 
+def test_a_look_that_fails_midway_reads_the_evidence_whole_at_the_next(
+    runner: RolloutRunner, store: Store, candidate: str, monkeypatch: pytest.MonkeyPatch
+):
+    tick(runner)
+    rollout_id = control.active_rollout(store).id
+    traffic(store, candidate, "shadow", 3)
+    runner.look(rollout_id)
+    traffic(store, candidate, "shadow", 3)
+
+    def broken(*_: object) -> float:
+        raise RuntimeError("the scorer broke")
+
+    with monkeypatch.context() as patched:  # after the new answers are taken, before pairing
+        patched.setattr("rollout.evidence.answer_score", broken)
+        with pytest.raises(RuntimeError):
+            runner.look(rollout_id)
+    assert runner.look(rollout_id).figures["shadow_pairs"] == 6
+
+
 def test_a_new_candidate_waits_for_the_rollout_in_progress_then_starts_by_itself(
     runner: RolloutRunner, store: Store, candidate: str, tmp_path: Path
 ):

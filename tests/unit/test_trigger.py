@@ -109,6 +109,12 @@ def test_too_few_new_labels_block_the_retrain_and_say_how_many(store: Store) -> 
     )
 
 
+def test_new_labels_are_counted_up_to_the_threshold_and_no_further(store: Store) -> None:
+    drift(store, 0.0)
+    Trigger(store, replace(CONFIG, min_new_labelled=7)).evaluate()
+    assert store.events(kind="retrain.trigger", limit=1)[0].data["new_labelled"] == 7
+
+
 def test_a_new_primary_starts_its_drift_count_afresh(store: Store, tmp_path: Path) -> None:
     drift(store, 0.5, 0.5)
     trigger = Trigger(store, CONFIG)

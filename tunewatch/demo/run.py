@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import openai
+import yaml
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -150,6 +151,16 @@ class Timeline:
         return Group(head, self._training, table)
 
 
+def _effective(settings: Settings) -> dict[str, Any]:
+    """The profile's settings as they stand (the environment may override the file)."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    current = settings.model_dump(mode="json")
+    return {
+        section: {key: current[section][key] for key in values}
+        for section, values in profile.items()
+    }
+
+
 def _engine_name(store: Store, settings: Settings) -> str:
     primary = (store.routing_table() or RoutingTable()).primary
     return primary or prepared_identity_name(settings) or settings.engine.served_model_name
@@ -206,8 +217,9 @@ async def _wait_ready(gateway_url: str, stack: subprocess.Popen[bytes], log: Pat
 async def run_demo(state_dir: Path, plan: DemoPlan, console: Console) -> DemoResult:
     env = dict(os.environ, TUNEWATCH_STATE_DIR=str(state_dir))
     settings = load_settings(PROFILE).model_copy(update={"state_dir": state_dir})
-    console.print(f"[bold]tunewatch demo[/bold]: the stack runs with {PROFILE}:")
-    console.print(PROFILE.read_text(), markup=False, highlight=False, soft_wrap=True)
+    shown = yaml.safe_dump(_effective(settings), sort_keys=False)
+    console.print(f"[bold]tunewatch demo[/bold]: the stack runs with {PROFILE} (as set now):")
+    console.print(shown, markup=False, highlight=False, soft_wrap=True)
     state_dir.mkdir(parents=True, exist_ok=True)
     log = state_dir / "stack.log"
     tunewatch = str(Path(sys.executable).parent / "tunewatch")
