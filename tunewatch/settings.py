@@ -34,6 +34,11 @@ class EngineSettings(_Section):
     port: int = Field(default=8100, ge=1, le=65535)
     device: Literal["cpu", "cuda"] = "cpu"
     max_loras: int = Field(default=4, ge=1)
+    serve_base_directly: bool = Field(
+        default=False,
+        description="Base-model traffic to vLLM's base model where the engine confirms "
+        "tunewatch's LoRA fix (serving/vllm_plugin.py); unset: through the identity adapter.",
+    )
     max_lora_rank: int = Field(default=16, ge=1)
     max_model_len: int = Field(default=2048, ge=64)
     cpu_kv_cache_gib: int = Field(default=2, ge=1)

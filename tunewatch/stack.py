@@ -181,10 +181,19 @@ def engine_launch(settings: Settings, model_dir: Path) -> EngineLaunch:
     )
 
 
-async def choose_base_route(gateway: Gateway, launch: EngineLaunch, started_at: float) -> None:
-    """Base-model traffic to the engine's base model itself where every process of the engine
-    launched at `started_at` applied the LoRA fix, else through the identity adapter."""
+async def choose_base_route(
+    gateway: Gateway, launch: EngineLaunch, started_at: float, allowed: bool = True
+) -> None:
+    """Base-model traffic to the engine's base model itself where that is `allowed`
+    (engine.serve_base_directly) and every process of the engine launched at `started_at`
+    applied the LoRA fix, else through the identity adapter."""
     assert launch.lora_fix_marker is not None
+    if not allowed:
+        gateway.adapters.serve_base_through(None)
+        log.info(
+            "base model served through the identity adapter: engine.serve_base_directly is off"
+        )
+        return
     fixed, why = await asyncio.to_thread(vllm_plugin.confirmed, launch.lora_fix_marker, started_at)
     gateway.adapters.serve_base_through(launch.served_model_name if fixed else None)
     if fixed:
@@ -215,8 +224,10 @@ async def up(settings: Settings, config_file: Path | None) -> None:
 
         return on_restart
 
+    direct = settings.engine.serve_base_directly
+
     async def engine_restarted() -> None:
-        await choose_base_route(gateway, launch, engine.started_at)  # its processes are new
+        await choose_base_route(gateway, launch, engine.started_at, direct)  # new processes
         await gateway.adapters.reconcile()
 
     launch = engine_launch(settings, model_dir)
@@ -246,7 +257,7 @@ async def up(settings: Settings, config_file: Path | None) -> None:
     log.info("starting vLLM (about a minute on CPU)", extra={"log": str(engine.log_file)})
     try:
         await engine.start()
-        await choose_base_route(gateway, launch, engine.started_at)
+        await choose_base_route(gateway, launch, engine.started_at, direct)
         await _load_identity(gateway, identity_dir)  # the fallback, and the monitor's base
         await monitor_process.start()
         if prometheus_process is not None:

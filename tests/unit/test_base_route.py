@@ -34,3 +34,12 @@ def test_an_unconfirmed_fix_keeps_the_identity_adapter(gw, tmp_path: Path) -> No
     gw.gateway.adapters.serve_base_through(gw.served_model_name)  # as before a restart
     gw.run(choose_base_route, gw.gateway, launch_in(tmp_path), time.time())
     assert gw.gateway.adapters.resolve(None) == gw.base_adapter
+
+
+def test_a_confirmed_fix_is_not_used_unless_the_settings_allow_it(gw, tmp_path: Path) -> None:
+    launch, started = launch_in(tmp_path), time.time()
+    line = {"pid": 1, "time": time.time(), "applied": True, "reason": "applied"}
+    launch.lora_fix_marker.write_text(json.dumps(line) + "\n")
+    gw.gateway.adapters.serve_base_through(gw.served_model_name)
+    gw.run(choose_base_route, gw.gateway, launch, started, False)
+    assert gw.gateway.adapters.resolve(None) == gw.base_adapter
