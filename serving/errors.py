@@ -51,11 +51,6 @@ def validation_error(errors: Any) -> OpenAIError:
     return OpenAIError(400, messages, param=param, code="invalid_value")
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
-
-
 def engine_unavailable(retry_after_s: int, headers: dict[str, str] | None = None) -> OpenAIError:
     """The 503 for an engine that is down or restarting (EngineUnavailableError): the client
     retries after `Retry-After`."""

@@ -23,9 +23,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from serving import metrics
 from serving.adapters import AdapterSet
+from serving.auth import FeedbackCaller
 from serving.engine import EngineClient, EngineUnavailableError
 from serving.errors import engine_unavailable
 from serving.exchange import ExchangeDraft, answer_whole
+from serving.limits import RateLimiter, retry_after
 from serving.protocol import (
     AdapterInfo,
     FeedbackRequest,
@@ -37,7 +39,7 @@ from serving.recorder import ExchangeRecorder
 from serving.routing import RouteChoice, choose_route
 from serving.spill import SpillFile
 from store import Store
-from store.exchanges import UnknownExchangeError
+from store.exchanges import FeedbackLimitError, NotMadeByError, UnknownExchangeError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ class GatewayConfig:
     admin_token: str
     spill_file: Path  # where exchanges wait while the store cannot take them
     api_keys: list[str] = field(default_factory=list)
+    feedback_keys: list[str] = field(default_factory=list)  # post feedback for any exchange
+    feedback_reference_max_chars: int = 8192
+    feedback_max_per_exchange: int = 5
+    feedback_per_minute: int = 600  # per key, in this gateway
     max_body_bytes: int = 1 << 20
     reconcile_interval_s: float = 5.0
     retry_after_s: int = 5
@@ -68,8 +74,8 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         # An empty secret would let `Authorization: Bearer ` through anything that compares.
-        if not self.admin_token or not all(self.api_keys):
-            raise ValueError("the admin token and every API key must be non-empty")
+        if not self.admin_token or not all(self.api_keys) or not all(self.feedback_keys):
+            raise ValueError("the admin token and every API key and feedback key must be non-empty")
 
 
 class Gateway:
@@ -88,6 +94,7 @@ class Gateway:
             store, SpillFile(config.spill_file), queue_max=config.recorder_queue_max
         )
         self.rng = rng or random.Random()
+        self.feedback_rate = RateLimiter(config.feedback_per_minute)
         self._shadows: set[asyncio.Task[Any]] = set()
         self._answering: set[asyncio.Task[Any]] = set()  # the tasks of requests in flight
         self._shutdown_at: float | None = None  # the loop time a shutdown began
@@ -114,7 +121,11 @@ class Gateway:
     # the inference path
 
     async def infer(
-        self, endpoint: str, request: InferenceRequest, header_user: str | None
+        self,
+        endpoint: str,
+        request: InferenceRequest,
+        header_user: str | None,
+        api_key_id: str | None = None,
     ) -> Response:
         self._answering_now()
         decision = self.route(request, header_user)
@@ -125,6 +136,7 @@ class Gateway:
             adapter=decision.adapter,
             mirror_to=decision.mirror_to,
             user=request.user or header_user,
+            api_key_id=api_key_id,
         )
         headers = {
             EXCHANGE_HEADER: call.exchange_id,
@@ -299,6 +311,7 @@ class Gateway:
             adapter=parent.mirror_to,
             parent_id=parent.exchange_id,
             user=parent.user,
+            api_key_id=parent.api_key_id,
         )
         engine_model = self.adapters.resolve(shadow.adapter)
         try:
@@ -350,23 +363,66 @@ class Gateway:
 
     # feedback
 
-    async def add_feedback(self, feedback: FeedbackRequest) -> FeedbackResponse:
+    async def add_feedback(
+        self, feedback: FeedbackRequest, caller: FeedbackCaller
+    ) -> FeedbackResponse:
+        """Store a reference and/or rating, within the caller's rate, the exchange's cap, and
+        what the caller may label (serving/auth.py)."""
+        wait_s = self.feedback_rate.take(caller.bucket)
+        if wait_s is not None:
+            raise OpenAIError(
+                429,
+                f"More than {self.config.feedback_per_minute} feedback posts a minute for this "
+                "key; retry later.",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": retry_after(wait_s)},
+            )
+        limit = self.config.feedback_reference_max_chars
+        if feedback.reference is not None and len(feedback.reference) > limit:
+            raise OpenAIError(
+                400,
+                f"reference: {len(feedback.reference)} characters; at most {limit} are taken.",
+                param="reference",
+                code="invalid_value",
+            )
         add = lambda: self.store.add_feedback(  # noqa: E731
-            feedback.exchange_id, feedback.reference, feedback.rating
+            feedback.exchange_id,
+            feedback.reference,
+            feedback.rating,
+            made_by=caller.made_by,
+            max_per_exchange=self.config.feedback_max_per_exchange,
         )
         try:
-            feedback_id = await asyncio.to_thread(add)
-        except UnknownExchangeError:
-            await self.recorder.flush()  # it may be answered but not yet written
             try:
                 feedback_id = await asyncio.to_thread(add)
             except UnknownExchangeError:
-                raise OpenAIError(
-                    404,
-                    f"No exchange with id '{feedback.exchange_id}'.",
-                    param="exchange_id",
-                    code="exchange_not_found",
-                ) from None
+                await self.recorder.flush()  # it may be answered but not yet written
+                feedback_id = await asyncio.to_thread(add)
+        except UnknownExchangeError:
+            raise OpenAIError(
+                404,
+                f"No exchange with id '{feedback.exchange_id}'.",
+                param="exchange_id",
+                code="exchange_not_found",
+            ) from None
+        except NotMadeByError:
+            raise OpenAIError(
+                403,
+                f"Exchange '{feedback.exchange_id}' was not made with this API key: post its "
+                "feedback with the key that made it, or with a feedback key.",
+                type="permission_error",
+                param="exchange_id",
+                code="feedback_not_allowed",
+            ) from None
+        except FeedbackLimitError:
+            raise OpenAIError(
+                409,
+                f"Exchange '{feedback.exchange_id}' has {self.config.feedback_max_per_exchange} "
+                "feedback posts already, as many as it may have.",
+                param="exchange_id",
+                code="feedback_limit_reached",
+            ) from None
         return FeedbackResponse(id=feedback_id, exchange_id=feedback.exchange_id)
 
     # admin

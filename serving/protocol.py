@@ -116,9 +116,9 @@ InferenceRequest = ChatCompletionRequest | CompletionRequest
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    exchange_id: str = Field(min_length=1)
-    reference: str | None = None
-    rating: float | None = None
+    exchange_id: str = Field(min_length=1, max_length=64)
+    reference: str | None = None  # its length is bounded by gateway.feedback_reference_max_chars
+    rating: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _something(self) -> FeedbackRequest:

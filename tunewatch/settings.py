@@ -54,6 +54,18 @@ class GatewaySettings(_Section):
     api_keys: list[Annotated[SecretStr, Field(min_length=1)]] = Field(
         default_factory=list, description="If set, /v1 needs one of these as a bearer token."
     )
+    feedback_keys: list[Annotated[SecretStr, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Bearer tokens that may post /v1/feedback for any exchange (an API key "
+        "may for the exchanges it made); with neither these nor api_keys, feedback is open.",
+    )
+    feedback_reference_max_chars: int = Field(default=8192, ge=1)
+    feedback_max_per_exchange: int = Field(
+        default=5, ge=1, description="Feedback rows one exchange may have; more are a 409."
+    )
+    feedback_per_minute: int = Field(
+        default=600, ge=1, description="Feedback posts per key and gateway; more are a 429."
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(
