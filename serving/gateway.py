@@ -27,7 +27,7 @@ from serving.auth import FeedbackCaller
 from serving.engine import EngineClient, EngineUnavailableError
 from serving.errors import engine_unavailable
 from serving.exchange import ExchangeDraft, answer_whole
-from serving.limits import RateLimiter, retry_after
+from serving.limits import RateLimiter, RequestCaps, retry_after
 from serving.protocol import (
     AdapterInfo,
     FeedbackRequest,
@@ -61,6 +61,7 @@ class GatewayConfig:
     feedback_max_per_exchange: int = 5
     feedback_per_minute: int = 600  # per key, in this gateway
     max_body_bytes: int = 1 << 20
+    caps: RequestCaps = field(default_factory=RequestCaps)
     reconcile_interval_s: float = 5.0
     retry_after_s: int = 5
     recorder_queue_max: int = 10_000
@@ -128,6 +129,7 @@ class Gateway:
         api_key_id: str | None = None,
     ) -> Response:
         self._answering_now()
+        self.config.caps.check(request)
         decision = self.route(request, header_user)
         call = ExchangeDraft(
             endpoint=endpoint,

@@ -1,5 +1,6 @@
-"""What one client may ask of the gateway: a rate per key (a token bucket, in this gateway's
-memory), so that a leaked or runaway key cannot flood the store with feedback."""
+"""What one client may ask of the gateway: how much one request may ask for (choices, tokens,
+messages), and a rate per key (a token bucket, in this gateway's memory), so that a leaked
+or runaway key cannot flood the store with feedback."""
 
 from __future__ import annotations
 
@@ -7,6 +8,38 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from serving.protocol import ChatCompletionRequest, InferenceRequest, OpenAIError
+
+
+@dataclass(frozen=True)
+class RequestCaps:
+    """The most one request may ask for: the engine's time grows with each."""
+
+    max_n: int = 4
+    max_tokens: int = 4096
+    max_messages: int = 256
+
+    def check(self, request: InferenceRequest) -> None:
+        """Refuse, naming the field, a request that asks for more than a cap."""
+        asked = [
+            ("n", request.n, self.max_n, "choices"),
+            ("max_tokens", request.max_tokens, self.max_tokens, "tokens"),
+        ]
+        if isinstance(request, ChatCompletionRequest):
+            asked += [
+                ("max_completion_tokens", request.max_completion_tokens, self.max_tokens, "tokens"),
+                ("messages", len(request.messages), self.max_messages, "messages"),
+            ]
+        for field, value, cap, what in asked:
+            if value is not None and value > cap:
+                raise OpenAIError(
+                    400,
+                    f"{field} is {value}; this gateway takes at most {cap} {what} a request.",
+                    param=field,
+                    code="invalid_value",
+                )
+
 
 BURST_S = 10.0  # a bucket holds this many seconds' worth of its rate
 MAX_BUCKETS = 10_000  # beyond this, full buckets (idle callers) are forgotten

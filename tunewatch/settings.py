@@ -67,6 +67,14 @@ class GatewaySettings(_Section):
         default=600, ge=1, description="Feedback posts per key and gateway; more are a 429."
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_n: int = Field(default=4, ge=1, description="Choices (n) one request may ask for.")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="max_tokens one request may ask for; unset: engine.max_model_len under "
+        "`up` (what the engine it starts can hold), 4096 under `serve`.",
+    )
+    max_messages: int = Field(default=256, ge=1, description="Messages in one chat request.")
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(
         default=20.0,
