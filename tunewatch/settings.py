@@ -75,6 +75,18 @@ class GatewaySettings(_Section):
         "`up` (what the engine it starts can hold), 4096 under `serve`.",
     )
     max_messages: int = Field(default=256, ge=1, description="Messages in one chat request.")
+    max_concurrency: int = Field(
+        default=256,
+        ge=1,
+        description="Requests in flight (streams until they end); more are a fast 503. 256 is "
+        "twice vLLM-CPU's default max_num_seqs; on a GPU, twice the engine's --max-num-seqs.",
+    )
+    shadow_max_concurrency: int | None = Field(
+        default=None, ge=1, description="Shadow replays in flight; unset: max_concurrency / 4."
+    )
+    engine_deadline_s: float = Field(
+        default=600.0, gt=0, description="The longest one engine call takes, streams whole; 504."
+    )
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(
         default=20.0,
