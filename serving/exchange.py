@@ -31,6 +31,7 @@ class ExchangeDraft:
     mirror_to: str | None = None
     parent_id: str | None = None
     user: str | None = None
+    api_key_id: str | None = None  # serving.auth.key_id of the API key that asked
     exchange_id: str = field(default_factory=new_id)
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -97,6 +98,7 @@ class ExchangeDraft:
             parent_id=self.parent_id,
             endpoint=self.endpoint,
             user=self.user,
+            api_key_id=self.api_key_id,
             prompt=storable(self.request.prompt_text()),
             request=self.request.model_dump(mode="json", exclude_unset=True),
             response=storable("".join(self.text)) if error is None else None,

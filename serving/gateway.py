@@ -23,9 +23,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from serving import metrics
 from serving.adapters import AdapterSet
+from serving.admission import Admission
+from serving.auth import FeedbackCaller
 from serving.engine import EngineClient, EngineUnavailableError
 from serving.errors import engine_unavailable
 from serving.exchange import ExchangeDraft, answer_whole
+from serving.limits import RateLimiter, RequestCaps, retry_after
 from serving.protocol import (
     AdapterInfo,
     FeedbackRequest,
@@ -37,7 +40,7 @@ from serving.recorder import ExchangeRecorder
 from serving.routing import RouteChoice, choose_route
 from serving.spill import SpillFile
 from store import Store
-from store.exchanges import UnknownExchangeError
+from store.exchanges import FeedbackLimitError, NotMadeByError, UnknownExchangeError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ ADAPTER_HEADER = "x-tunewatch-adapter"
 ROUTE_HEADER = "x-tunewatch-route"
 USER_HEADER = "x-tunewatch-user"
 INTERRUPTED = "interrupted: the gateway shut down before the engine answered"
+OVERLOADED_RETRY_AFTER_S = 1  # a slot frees as soon as any answer ends
 
 
 @dataclass
@@ -54,11 +58,25 @@ class GatewayConfig:
     admin_token: str
     spill_file: Path  # where exchanges wait while the store cannot take them
     api_keys: list[str] = field(default_factory=list)
+    feedback_keys: list[str] = field(default_factory=list)  # post feedback for any exchange
+    feedback_reference_max_chars: int = 8192
+    feedback_max_per_exchange: int = 5
+    feedback_per_minute: int = 600  # per key, in this gateway
     max_body_bytes: int = 1 << 20
+    caps: RequestCaps = field(default_factory=RequestCaps)
+    max_concurrency: int = 256  # primaries in flight; more are a fast 503 (serving/admission.py)
+    shadow_max_concurrency: int | None = None  # None: a quarter of max_concurrency
+    engine_deadline_s: float = 600.0  # the longest one engine call may take, start to end
     reconcile_interval_s: float = 5.0
     retry_after_s: int = 5
     recorder_queue_max: int = 10_000
     shutdown_timeout_s: float = 20.0
+
+    @property
+    def shadow_limit(self) -> int:
+        if self.shadow_max_concurrency is not None:
+            return self.shadow_max_concurrency
+        return max(1, self.max_concurrency // 4)
 
     @property
     def answers_timeout_s(self) -> float:
@@ -68,8 +86,8 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         # An empty secret would let `Authorization: Bearer ` through anything that compares.
-        if not self.admin_token or not all(self.api_keys):
-            raise ValueError("the admin token and every API key must be non-empty")
+        if not self.admin_token or not all(self.api_keys) or not all(self.feedback_keys):
+            raise ValueError("the admin token and every API key and feedback key must be non-empty")
 
 
 class Gateway:
@@ -88,6 +106,8 @@ class Gateway:
             store, SpillFile(config.spill_file), queue_max=config.recorder_queue_max
         )
         self.rng = rng or random.Random()
+        self.feedback_rate = RateLimiter(config.feedback_per_minute)
+        self.admission = Admission(config.max_concurrency, config.shadow_limit)
         self._shadows: set[asyncio.Task[Any]] = set()
         self._answering: set[asyncio.Task[Any]] = set()  # the tasks of requests in flight
         self._shutdown_at: float | None = None  # the loop time a shutdown began
@@ -114,9 +134,14 @@ class Gateway:
     # the inference path
 
     async def infer(
-        self, endpoint: str, request: InferenceRequest, header_user: str | None
+        self,
+        endpoint: str,
+        request: InferenceRequest,
+        header_user: str | None,
+        api_key_id: str | None = None,
     ) -> Response:
         self._answering_now()
+        self.config.caps.check(request)
         decision = self.route(request, header_user)
         call = ExchangeDraft(
             endpoint=endpoint,
@@ -125,7 +150,10 @@ class Gateway:
             adapter=decision.adapter,
             mirror_to=decision.mirror_to,
             user=request.user or header_user,
+            api_key_id=api_key_id,
         )
+        self._admit(call)
+        deadline = asyncio.get_running_loop().time() + self.config.engine_deadline_s
         headers = {
             EXCHANGE_HEADER: call.exchange_id,
             ADAPTER_HEADER: call.adapter_label,
@@ -134,10 +162,10 @@ class Gateway:
         body = call.upstream_body(self.adapters.resolve(call.adapter))
         in_flight = metrics.REQUESTS_IN_FLIGHT.labels(call.route, call.adapter_label)
         if request.stream:
-            return await self._stream(call, body, headers)
+            return await self._stream(call, body, headers, deadline)
         in_flight.inc()
         try:
-            upstream = await self._post(call, body)
+            upstream = await self._post(call, body, deadline)
             if upstream.status_code != 200:
                 return self._upstream_error(call, upstream, headers)
             data = upstream.json()
@@ -149,6 +177,23 @@ class Gateway:
             raise
         finally:
             in_flight.dec()
+
+    def _admit(self, call: ExchangeDraft) -> None:
+        """A slot for this request's engine call, given back when the call is recorded (or,
+        whatever becomes of it, when the request's task ends); none free: a fast 503, not
+        recorded (the gateway's doing, not the adapter's) but counted as shed."""
+        if not self.admission.enter(call.exchange_id, "primary"):
+            raise OpenAIError(
+                503,
+                f"The gateway is answering {self.config.max_concurrency} requests, its limit; "
+                "retry shortly.",
+                type="service_unavailable",
+                code="overloaded",
+                headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+            )
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(lambda _: self.admission.leave(call.exchange_id))
 
     def _answering_now(self) -> None:
         """This request's task: a shutdown waits for it a while, then cancels it."""
@@ -173,17 +218,36 @@ class Gateway:
                 choice["logprobs"] = None
         return chunk
 
-    async def _post(self, call: ExchangeDraft, body: dict[str, Any]) -> httpx.Response:
+    async def _post(
+        self, call: ExchangeDraft, body: dict[str, Any], deadline: float
+    ) -> httpx.Response:
         try:
-            return await self.engine.post(call.path, body)
+            async with asyncio.timeout_at(deadline):
+                return await self.engine.post(call.path, body)
         except EngineUnavailableError as exc:
             raise self._unavailable(call, exc) from exc
+        except TimeoutError:
+            raise self._past_deadline(call) from None
 
     def _unavailable(self, call: ExchangeDraft, exc: EngineUnavailableError) -> OpenAIError:
         """The exchange recorded as failed, and the 503 that names it."""
         self._finish(call, 503, f"engine unavailable: {exc}")
         headers = {EXCHANGE_HEADER: call.exchange_id}  # the failure is recorded under it
         return engine_unavailable(self.config.retry_after_s, headers)
+
+    def _past_deadline(self, call: ExchangeDraft) -> OpenAIError:
+        """The exchange recorded as failed, and the 504 that names it."""
+        self._finish(call, 504, self._deadline_error())
+        return OpenAIError(
+            504,
+            f"The inference engine did not answer within {self.config.engine_deadline_s:g} s.",
+            type="engine_error",
+            code="engine_timeout",
+            headers={EXCHANGE_HEADER: call.exchange_id},
+        )
+
+    def _deadline_error(self) -> str:
+        return f"engine deadline exceeded: {self.config.engine_deadline_s:g} s"
 
     def _upstream_error(
         self, call: ExchangeDraft, upstream: httpx.Response, headers: dict[str, str]
@@ -203,12 +267,15 @@ class Gateway:
         return JSONResponse(error.body(), status_code=upstream.status_code, headers=headers)
 
     async def _stream(
-        self, call: ExchangeDraft, body: dict[str, Any], headers: dict[str, str]
+        self, call: ExchangeDraft, body: dict[str, Any], headers: dict[str, str], deadline: float
     ) -> Response:
         try:
-            upstream = await self.engine.open_stream(call.path, body)
+            async with asyncio.timeout_at(deadline):
+                upstream = await self.engine.open_stream(call.path, body)
         except EngineUnavailableError as exc:
             raise self._unavailable(call, exc) from exc
+        except TimeoutError:
+            raise self._past_deadline(call) from None
         except asyncio.CancelledError:
             self._finish(call, *self._cut_short())
             raise
@@ -217,20 +284,29 @@ class Gateway:
             await upstream.aclose()
             return self._upstream_error(call, upstream, headers)
         return StreamingResponse(
-            self._relay(call, upstream),
+            self._relay(call, upstream, deadline),
             media_type="text/event-stream",
             headers=headers,
         )
 
-    async def _relay(self, call: ExchangeDraft, upstream: httpx.Response) -> AsyncIterator[bytes]:
-        """Pass SSE events through one by one, learning from each; a broken engine ends cleanly."""
+    async def _relay(
+        self, call: ExchangeDraft, upstream: httpx.Response, deadline: float
+    ) -> AsyncIterator[bytes]:
+        """Pass SSE events through one by one, learning from each; a broken engine, or one past
+        the deadline, ends the stream cleanly. The deadline bounds each read, never a `yield`:
+        a timeout across one would cancel whatever the consumer is awaiting."""
         request = call.request
         wants_usage = bool((request.stream_options or {}).get("include_usage"))
         in_flight = metrics.REQUESTS_IN_FLIGHT.labels(call.route, call.adapter_label)
         in_flight.inc()
         status, error, interrupted = 200, None, False
+        lines = upstream.aiter_lines()
         try:
-            async for line in upstream.aiter_lines():
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    line = await anext(lines, None)
+                if line is None:
+                    break
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 try:
@@ -258,6 +334,15 @@ class Gateway:
                 code="engine_unavailable",
             )
             yield f"data: {json.dumps(failure.body())}\n\n".encode()
+        except TimeoutError:
+            status, error = 504, self._deadline_error()
+            failure = OpenAIError(
+                504,
+                f"The inference engine did not finish within {self.config.engine_deadline_s:g} s.",
+                type="engine_error",
+                code="engine_timeout",
+            )
+            yield f"data: {json.dumps(failure.body())}\n\n".encode()
         except asyncio.CancelledError:
             status, error, interrupted = self._cut_short()
             raise
@@ -274,7 +359,9 @@ class Gateway:
         error: str | None = None,
         interrupted: bool = False,
     ) -> None:
-        """Record the exchange, update the metrics, and mirror it to the shadow if chosen."""
+        """Give the call's slot back, record the exchange, update the metrics, and mirror it to
+        the shadow if chosen."""
+        self.admission.leave(call.exchange_id)
         exchange = call.record(http_status, error, interrupted)
         self.recorder.submit(exchange)
         labels = (call.route, call.adapter_label)
@@ -287,10 +374,11 @@ class Gateway:
         if call.prompt_tokens:
             metrics.PROMPT_TOKENS.labels(*labels).inc(call.prompt_tokens)
         if call.mirror_to and error is None and not self.stopping:
-            self._spawn(self._shadow(call))
+            self._mirror(call)
 
-    async def _shadow(self, parent: ExchangeDraft) -> None:
-        """Replay a finished primary request on the shadow adapter, after it, never in its way."""
+    def _mirror(self, parent: ExchangeDraft) -> None:
+        """Replay a finished primary request on the shadow adapter, after it, never in its way:
+        skipped (and counted) when there is no room for it (serving/admission.py)."""
         request = parent.request.model_copy(update={"stream": False, "stream_options": None})
         shadow = ExchangeDraft(
             endpoint=parent.endpoint,
@@ -299,19 +387,33 @@ class Gateway:
             adapter=parent.mirror_to,
             parent_id=parent.exchange_id,
             user=parent.user,
+            api_key_id=parent.api_key_id,
         )
+        if self.admission.enter(shadow.exchange_id, "shadow"):
+            task = self._spawn(self._shadow(shadow))
+            task.add_done_callback(lambda _: self.admission.leave(shadow.exchange_id))
+
+    async def _shadow(self, shadow: ExchangeDraft) -> None:
         engine_model = self.adapters.resolve(shadow.adapter)
+        in_flight = metrics.REQUESTS_IN_FLIGHT.labels(shadow.route, shadow.adapter_label)
+        in_flight.inc()
         try:
-            answer = await answer_whole(self.engine, shadow, engine_model)
+            async with asyncio.timeout(self.config.engine_deadline_s):
+                answer = await answer_whole(self.engine, shadow, engine_model)
+        except TimeoutError:
+            answer = 504, self._deadline_error()
         except asyncio.CancelledError:
             self._finish(shadow, *self._cut_short())
             raise
+        finally:
+            in_flight.dec()
         self._finish(shadow, *answer)
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
+    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coroutine)
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for shadow calls in flight, then for every queued record to be written."""
@@ -350,23 +452,66 @@ class Gateway:
 
     # feedback
 
-    async def add_feedback(self, feedback: FeedbackRequest) -> FeedbackResponse:
+    async def add_feedback(
+        self, feedback: FeedbackRequest, caller: FeedbackCaller
+    ) -> FeedbackResponse:
+        """Store a reference and/or rating, within the caller's rate, the exchange's cap, and
+        what the caller may label (serving/auth.py)."""
+        wait_s = self.feedback_rate.take(caller.bucket)
+        if wait_s is not None:
+            raise OpenAIError(
+                429,
+                f"More than {self.config.feedback_per_minute} feedback posts a minute for this "
+                "key; retry later.",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": retry_after(wait_s)},
+            )
+        limit = self.config.feedback_reference_max_chars
+        if feedback.reference is not None and len(feedback.reference) > limit:
+            raise OpenAIError(
+                400,
+                f"reference: {len(feedback.reference)} characters; at most {limit} are taken.",
+                param="reference",
+                code="invalid_value",
+            )
         add = lambda: self.store.add_feedback(  # noqa: E731
-            feedback.exchange_id, feedback.reference, feedback.rating
+            feedback.exchange_id,
+            feedback.reference,
+            feedback.rating,
+            made_by=caller.made_by,
+            max_per_exchange=self.config.feedback_max_per_exchange,
         )
         try:
-            feedback_id = await asyncio.to_thread(add)
-        except UnknownExchangeError:
-            await self.recorder.flush()  # it may be answered but not yet written
             try:
                 feedback_id = await asyncio.to_thread(add)
             except UnknownExchangeError:
-                raise OpenAIError(
-                    404,
-                    f"No exchange with id '{feedback.exchange_id}'.",
-                    param="exchange_id",
-                    code="exchange_not_found",
-                ) from None
+                await self.recorder.flush()  # it may be answered but not yet written
+                feedback_id = await asyncio.to_thread(add)
+        except UnknownExchangeError:
+            raise OpenAIError(
+                404,
+                f"No exchange with id '{feedback.exchange_id}'.",
+                param="exchange_id",
+                code="exchange_not_found",
+            ) from None
+        except NotMadeByError:
+            raise OpenAIError(
+                403,
+                f"Exchange '{feedback.exchange_id}' was not made with this API key: post its "
+                "feedback with the key that made it, or with a feedback key.",
+                type="permission_error",
+                param="exchange_id",
+                code="feedback_not_allowed",
+            ) from None
+        except FeedbackLimitError:
+            raise OpenAIError(
+                409,
+                f"Exchange '{feedback.exchange_id}' has {self.config.feedback_max_per_exchange} "
+                "feedback posts already, as many as it may have.",
+                param="exchange_id",
+                code="feedback_limit_reached",
+            ) from None
         return FeedbackResponse(id=feedback_id, exchange_id=feedback.exchange_id)
 
     # admin

@@ -1,4 +1,5 @@
-"""The inference routes (OpenAI's `/v1/...`, behind the API keys): parse, then the gateway."""
+"""The `/v1/...` routes: inference (OpenAI's, behind the API keys) and feedback (behind the
+API keys and the feedback keys: serving/auth.py); parse, then the gateway."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from serving.auth import Auth
 from serving.errors import parse, read_json
 from serving.gateway import USER_HEADER, Gateway
 from serving.protocol import (
@@ -27,22 +29,25 @@ def header_user(request: Request) -> str | None:
     return user
 
 
-def inference_router(gateway: Gateway) -> APIRouter:
+def inference_router(gateway: Gateway, auth: Auth) -> APIRouter:
     router = APIRouter(prefix="/v1")
     limit = gateway.config.max_body_bytes
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        api_key_id = auth.api_key(request)  # before the body is read
         body = parse(ChatCompletionRequest, await read_json(request, limit))
-        return await gateway.infer("chat.completions", body, header_user(request))
+        return await gateway.infer("chat.completions", body, header_user(request), api_key_id)
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
+        api_key_id = auth.api_key(request)
         body = parse(CompletionRequest, await read_json(request, limit))
-        return await gateway.infer("completions", body, header_user(request))
+        return await gateway.infer("completions", body, header_user(request), api_key_id)
 
     @router.get("/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        auth.api_key(request)
         names = [gateway.config.served_model_name] + [a.name for a in gateway.adapter_infos()]
         return {
             "object": "list",
@@ -51,7 +56,8 @@ def inference_router(gateway: Gateway) -> APIRouter:
 
     @router.post("/feedback")
     async def feedback(request: Request) -> FeedbackResponse:
+        caller = auth.feedback(request)
         body = parse(FeedbackRequest, await read_json(request, limit))
-        return await gateway.add_feedback(body)
+        return await gateway.add_feedback(body, caller)
 
     return router

@@ -43,9 +43,21 @@ REQUESTS = Counter(
 )
 REQUESTS_IN_FLIGHT = Gauge(
     "tunewatch_requests_in_flight",
-    "Inference requests being answered now, by route and adapter.",
+    "Engine calls in flight now (client requests and shadow replays), by route and adapter.",
     ["route", "adapter"],
 )
+REQUESTS_SHED = Counter(
+    "tunewatch_requests_shed_total",
+    "Calls the gateway did not make for want of room: primaries refused with a 503, shadow "
+    "replays skipped; by kind (primary, shadow) and reason.",
+    ["kind", "reason"],
+)
+for _kind, _reason in (
+    ("primary", "concurrency"),
+    ("shadow", "concurrency"),
+    ("shadow", "shadow_concurrency"),
+):
+    REQUESTS_SHED.labels(_kind, _reason)
 STORE_WRITE_FAILURES = Counter(
     "tunewatch_store_write_failures_total",
     "Exchanges that could not be written to the store.",

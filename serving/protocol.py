@@ -50,6 +50,10 @@ class _PassThrough(BaseModel):
     stream: bool = False
     user: str | None = Field(default=None, max_length=USER_MAX_CHARS)
     stream_options: dict[str, Any] | None = None
+    # Declared to be compared with the gateway's caps (serving/limits.py) as vLLM will read
+    # them ("5" and 5.0 are 5); unset, they stay out of what vLLM receives.
+    n: int | None = None
+    max_tokens: int | None = None
 
     def upstream_body(self, **overrides: Any) -> dict[str, Any]:
         body = self.model_dump(exclude_unset=True)
@@ -72,6 +76,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_PassThrough):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
 
     def prompt_text(self) -> str:
         """The last user turn: what drift and quality are judged on."""
@@ -116,9 +121,9 @@ InferenceRequest = ChatCompletionRequest | CompletionRequest
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    exchange_id: str = Field(min_length=1)
-    reference: str | None = None
-    rating: float | None = None
+    exchange_id: str = Field(min_length=1, max_length=64)
+    reference: str | None = None  # its length is bounded by gateway.feedback_reference_max_chars
+    rating: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _something(self) -> FeedbackRequest:

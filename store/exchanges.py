@@ -12,10 +12,22 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, func, insert, select
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    cast,
+    func,
+    insert,
+    literal,
+    select,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
-from store.base import Base, StoreBase, utcnow
+from store.base import Base, StoreBase, UTCDateTime, utcnow
 
 Route = Literal["primary", "canary", "shadow", "pinned", "golden", "evaluation"]
 Status = Literal["ok", "error", "interrupted"]
@@ -46,6 +58,9 @@ class Exchange(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("exchanges.id"), index=True)
     endpoint: Mapped[str] = mapped_column(String(32))  # chat.completions | completions
     user: Mapped[str | None] = mapped_column(String(256))
+    # Which API key made it (serving.auth.key_id: a hash's first 16 hex, never the key): that
+    # key may post its feedback. None: made without one (an open gateway, a golden run).
+    api_key_id: Mapped[str | None] = mapped_column(String(16))
     prompt: Mapped[str] = mapped_column(Text)
     request: Mapped[dict[str, Any]]
     response: Mapped[str | None] = mapped_column(Text)
@@ -76,6 +91,14 @@ class UnknownExchangeError(LookupError):
     pass
 
 
+class NotMadeByError(PermissionError):
+    """Feedback from an API key for an exchange another key (or none) made."""
+
+
+class FeedbackLimitError(RuntimeError):
+    """The exchange has all the feedback rows it may have."""
+
+
 class ExchangeRecords(StoreBase):
     """The writes of exchanges and feedback (their reads for analysis: monitor.traffic)."""
 
@@ -98,11 +121,42 @@ class ExchangeRecords(StoreBase):
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(Exchange)) or 0
 
-    def add_feedback(self, exchange_id: str, reference: str | None, rating: float | None) -> int:
+    def add_feedback(
+        self,
+        exchange_id: str,
+        reference: str | None,
+        rating: float | None,
+        *,
+        made_by: str | None = None,
+        max_per_exchange: int | None = None,
+    ) -> int:
+        """One feedback row; with `made_by`, only for an exchange that API key id made; with
+        `max_per_exchange`, only while the exchange has fewer rows.
+
+        The count and the insert are one statement, so concurrent posts cannot pass the cap
+        together: SQLite runs a statement under its write lock, and on PostgreSQL the
+        exchange's row is locked first (FOR UPDATE; SQLite has none), which orders the posts
+        for one exchange across gateways."""
         with self.session() as session:
-            if session.get(Exchange, exchange_id) is None:
+            found = session.execute(
+                select(Exchange.api_key_id).where(Exchange.id == exchange_id).with_for_update()
+            ).one_or_none()
+            if found is None:
                 raise UnknownExchangeError(exchange_id)
-            feedback = Feedback(exchange_id=exchange_id, reference=reference, rating=rating)
-            session.add(feedback)
-            session.flush()
-            return feedback.id
+            if made_by is not None and found.api_key_id != made_by:
+                raise NotMadeByError(exchange_id)
+            values = select(
+                literal(exchange_id, String()),
+                literal(utcnow(), UTCDateTime()),
+                literal(reference, Text()),
+                cast(literal(rating), Float()),  # on PostgreSQL an untyped NULL reads as text
+            )
+            if max_per_exchange is not None:
+                count = select(func.count()).where(Feedback.exchange_id == exchange_id)
+                values = values.where(count.scalar_subquery() < max_per_exchange)
+            columns = ["exchange_id", "created_at", "reference", "rating"]
+            statement = insert(Feedback).from_select(columns, values).returning(Feedback.id)
+            feedback_id = session.scalar(statement)
+            if feedback_id is None:
+                raise FeedbackLimitError(exchange_id)
+            return feedback_id

@@ -59,7 +59,39 @@ class GatewaySettings(_Section):
     api_keys: list[Annotated[SecretStr, Field(min_length=1)]] = Field(
         default_factory=list, description="If set, /v1 needs one of these as a bearer token."
     )
+    feedback_keys: list[Annotated[SecretStr, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Bearer tokens that may post /v1/feedback for any exchange (an API key "
+        "may for the exchanges it made); with neither these nor api_keys, feedback is open.",
+    )
+    feedback_reference_max_chars: int = Field(default=8192, ge=1)
+    feedback_max_per_exchange: int = Field(
+        default=5, ge=1, description="Feedback rows one exchange may have; more are a 409."
+    )
+    feedback_per_minute: int = Field(
+        default=600, ge=1, description="Feedback posts per key and gateway; more are a 429."
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_n: int = Field(default=4, ge=1, description="Choices (n) one request may ask for.")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="max_tokens one request may ask for; unset: engine.max_model_len under "
+        "`up` (what the engine it starts can hold), 4096 under `serve`.",
+    )
+    max_messages: int = Field(default=256, ge=1, description="Messages in one chat request.")
+    max_concurrency: int = Field(
+        default=256,
+        ge=1,
+        description="Requests in flight (streams until they end); more are a fast 503. 256 is "
+        "twice vLLM-CPU's default max_num_seqs; on a GPU, twice the engine's --max-num-seqs.",
+    )
+    shadow_max_concurrency: int | None = Field(
+        default=None, ge=1, description="Shadow replays in flight; unset: max_concurrency / 4."
+    )
+    engine_deadline_s: float = Field(
+        default=600.0, gt=0, description="The longest one engine call takes, streams whole; 504."
+    )
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(
         default=20.0,

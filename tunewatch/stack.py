@@ -29,6 +29,7 @@ from serving.adapters import AdapterSet
 from serving.app import create_app
 from serving.engine import EngineClient, EngineLaunch, adapter_fingerprint
 from serving.gateway import Gateway, GatewayConfig
+from serving.limits import RequestCaps
 from serving.model import ensure_identity_adapter, is_prepared, model_dir_of, prepare_model
 from serving.supervisor import ProcessStartError, SupervisedProcess
 from store import Store
@@ -87,7 +88,11 @@ def _identity_dir(settings: Settings, model_dir: Path) -> Path:
     return settings.cache_dir / "adapters" / f"{model_dir.name}-identity"
 
 
-def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Gateway:
+def build_gateway(
+    settings: Settings, engine_url: str, identity_dir: Path, *, launched: bool = False
+) -> Gateway:
+    """The gateway in front of `engine_url`; `launched`: an engine `up` started from these
+    settings, so its context length is known."""
     store = Store(settings.store_url)
     engine = EngineClient(engine_url, request_timeout_s=settings.engine.request_timeout_s)
     base_adapter = identity_adapter_name(identity_dir)
@@ -96,12 +101,28 @@ def build_gateway(settings: Settings, engine_url: str, identity_dir: Path) -> Ga
         admin_token=admin_token(settings),
         spill_file=settings.spill_file,
         api_keys=[key.get_secret_value() for key in settings.gateway.api_keys],
+        feedback_keys=[key.get_secret_value() for key in settings.gateway.feedback_keys],
+        feedback_reference_max_chars=settings.gateway.feedback_reference_max_chars,
+        feedback_max_per_exchange=settings.gateway.feedback_max_per_exchange,
+        feedback_per_minute=settings.gateway.feedback_per_minute,
         max_body_bytes=settings.gateway.max_body_bytes,
+        caps=request_caps(settings, launched),
+        max_concurrency=settings.gateway.max_concurrency,
+        shadow_max_concurrency=settings.gateway.shadow_max_concurrency,
+        engine_deadline_s=settings.gateway.engine_deadline_s,
         reconcile_interval_s=settings.gateway.reconcile_interval_s,
         recorder_queue_max=settings.gateway.recorder_queue_max,
         shutdown_timeout_s=settings.gateway.shutdown_timeout_s,
     )
     return Gateway(config, store, engine, AdapterSet(store, engine, base_adapter))
+
+
+def request_caps(settings: Settings, launched: bool) -> RequestCaps:
+    gateway = settings.gateway
+    max_tokens = gateway.max_tokens or (settings.engine.max_model_len if launched else 4096)
+    return RequestCaps(
+        max_n=gateway.max_n, max_tokens=max_tokens, max_messages=gateway.max_messages
+    )
 
 
 async def _load_identity(gateway: Gateway, identity_dir: Path) -> None:
@@ -214,7 +235,7 @@ async def up(settings: Settings, config_file: Path | None) -> None:
     """vLLM and the monitor as supervised child processes, the gateway in this one."""
     model_dir, identity_dir = await asyncio.to_thread(prepare, settings)
     engine_url = f"http://127.0.0.1:{settings.engine.port}"
-    gateway = build_gateway(settings, engine_url, identity_dir)
+    gateway = build_gateway(settings, engine_url, identity_dir, launched=True)
 
     def recorder(kind: str, then: Callable[[], Awaitable[None]] | None = None):
         async def on_restart(reason: str) -> None:

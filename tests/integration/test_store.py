@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -19,7 +20,14 @@ from serving.spill import SpillFile
 from store import Store
 from store.adapters import AdapterNameTakenError, AdapterRecord, RoutingTable
 from store.base import SchemaMismatchError
-from store.exchanges import Exchange, Feedback, UnknownExchangeError, new_id
+from store.exchanges import (
+    Exchange,
+    Feedback,
+    FeedbackLimitError,
+    NotMadeByError,
+    UnknownExchangeError,
+    new_id,
+)
 
 
 @pytest.fixture
@@ -39,6 +47,7 @@ def exchange(**fields: Any) -> dict[str, Any]:
         parent_id=None,
         endpoint="chat.completions",
         user="user-17",
+        api_key_id="0123456789abcdef",
         prompt="Wie setze ich mein Passwort zurück? 🔑",
         request={
             "model": "tunewatch",
@@ -175,6 +184,43 @@ def test_feedback_for_an_unknown_exchange_raises_and_writes_nothing(store: Store
         store.add_feedback(new_id(), reference="anything", rating=1.0)
 
     assert count(store, Feedback) == 0
+
+
+def test_feedback_with_a_reference_only_or_a_rating_only_is_kept(store: Store) -> None:
+    recorded = exchange()
+    store.record_exchanges([recorded])
+    ids = [
+        store.add_feedback(recorded["id"], "Settings.", None, max_per_exchange=5),
+        store.add_feedback(recorded["id"], None, 0.25, max_per_exchange=5),
+    ]
+    with store.session() as session:
+        kept = [(f.reference, f.rating) for f in (session.get(Feedback, i) for i in ids)]
+    assert kept == [("Settings.", None), (None, 0.25)]
+
+
+def test_feedback_made_by_another_key_is_refused(store: Store) -> None:
+    recorded = exchange()
+    store.record_exchanges([recorded])
+    with pytest.raises(NotMadeByError):
+        store.add_feedback(recorded["id"], "x", None, made_by="fedcba9876543210")
+    store.add_feedback(recorded["id"], "x", None, made_by=recorded["api_key_id"])
+    assert count(store, Feedback) == 1
+
+
+def test_the_feedback_cap_per_exchange_holds_under_concurrent_writers(store: Store) -> None:
+    recorded = exchange()
+    store.record_exchanges([recorded])
+
+    def add(_: int) -> bool:
+        try:
+            store.add_feedback(recorded["id"], None, 1.0, max_per_exchange=5)
+        except FeedbackLimitError:
+            return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        taken = list(pool.map(add, range(40)))
+    assert (sum(taken), count(store, Feedback)) == (5, 5)
 
 
 # adapters

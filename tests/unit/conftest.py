@@ -4,7 +4,7 @@ The fake engine speaks the slice of vLLM's OpenAI server the gateway uses (healt
 list, runtime LoRA load/unload, chat and text completions, plain and streamed) in vLLM's
 shapes, and remembers every request it received so a test can check what the gateway
 sent upstream. Its failure switches (down, a failing adapter, an adapter that does not
-answer, a stream that breaks) stand for the ways a real engine lets the gateway down.
+answer, a stream that breaks or stalls) stand for the ways a real engine lets the gateway down.
 No server, no vLLM, no network.
 """
 
@@ -62,6 +62,7 @@ class FakeEngine:
     failing_adapters: set[str] = field(default_factory=set)  # inference on these answers 500
     hanging_adapters: set[str] = field(default_factory=set)  # on these, no answer while listed
     stream_breaks_after: int | None = None  # events sent before the connection drops
+    stream_stalls_after: int | None = None  # events sent before the stream waits, while set
     lists_loaded_adapters: bool = True  # False: accepts a load but never lists the adapter
     served_model_name: str = SERVED_MODEL_NAME
 
@@ -133,6 +134,8 @@ class FakeEngine:
     async def _stream(self, chat: bool, body: dict[str, Any]) -> AsyncIterator[bytes]:
         events = _chunks(chat, body)
         for sent, event in enumerate(events):
+            while sent == self.stream_stalls_after:
+                await asyncio.sleep(0.01)
             if self.stream_breaks_after is not None and sent == self.stream_breaks_after:
                 raise httpx.ReadError(
                     "peer closed connection without sending complete message body"
