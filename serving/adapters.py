@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from serving import metrics
 from serving.engine import (
+    ADAPTER_WEIGHTS,
     EngineClient,
     EngineUnavailableError,
     InvalidAdapterError,
@@ -26,6 +28,35 @@ log = logging.getLogger(__name__)
 
 class AdapterInUseError(ValueError):
     pass
+
+
+class AdapterPathError(InvalidAdapterError):
+    """A path the admin API may not load from: relative, or outside every adapter root."""
+
+
+def within_roots(path: str, roots: list[Path]) -> Path:
+    """`path` resolved, if it and the files vLLM reads from it lie inside one of `roots`.
+
+    Symlinks are resolved before the check, so neither `..` nor a link (the directory's, or
+    a file's inside it) leads out of a root; the resolved path is what gets registered, so
+    vLLM loads the directory that was checked. The roots are resolved too (a root may itself
+    be a link, e.g. a mounted volume)."""
+    given = Path(path)
+    if not given.is_absolute():
+        raise AdapterPathError(f"adapter path {path!r} is not absolute")
+    resolved = given.resolve()
+    root = next((r for r in (r.resolve() for r in roots) if resolved.is_relative_to(r)), None)
+    if root is None:
+        allowed = ", ".join(str(r) for r in roots) or "none configured"
+        raise AdapterPathError(
+            f"adapter path {path!r} is outside the adapter roots ({allowed}): "
+            "gateway.adapter_roots names where adapters may be loaded from"
+        )
+    for name in ("adapter_config.json", ADAPTER_WEIGHTS):
+        target = (resolved / name).resolve()
+        if (resolved / name).exists() and not target.is_relative_to(root):
+            raise AdapterPathError(f"{path}/{name} links to {target}, outside {root}")
+    return resolved
 
 
 class AdapterSet:

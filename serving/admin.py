@@ -3,11 +3,12 @@ the packages above mount theirs beside them (`create_app(admin_routers=...)`).""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from serving.adapters import AdapterInUseError
+from serving.adapters import AdapterInUseError, AdapterPathError, within_roots
 from serving.engine import EngineUnavailableError, InvalidAdapterError
 from serving.errors import engine_unavailable, parse, read_json
 from serving.gateway import Gateway
@@ -31,7 +32,12 @@ def admin_router(gateway: Gateway) -> APIRouter:
                 409, f"'{body.name}' is reserved.", param="name", code="name_reserved"
             )
         try:
-            await gateway.adapters.load(body.name, body.path, reason="loaded through the admin API")
+            path = await asyncio.to_thread(within_roots, body.path, gateway.config.adapter_roots)
+            await gateway.adapters.load(body.name, str(path), reason="loaded through the admin API")
+        except AdapterPathError as exc:
+            raise OpenAIError(
+                400, str(exc), param="path", code="adapter_path_not_allowed"
+            ) from None
         except InvalidAdapterError as exc:
             raise OpenAIError(400, str(exc), param="path", code="invalid_adapter") from None
         except AdapterNameTakenError:

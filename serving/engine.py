@@ -8,12 +8,13 @@ swap for `httpx.MockTransport`.
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ from serving import vllm_plugin
 
 log = logging.getLogger(__name__)
 
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What vLLM would also load, with torch.load: a pickle, whose weights_only guard has been
+# got round before (CVE-2025-32434); safetensors hold tensors and nothing else.
+PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 
 
 class EngineUnavailableError(RuntimeError):
@@ -34,11 +38,12 @@ class InvalidAdapterError(ValueError):
     """A directory that is not a PEFT LoRA adapter; refused before vLLM sees it."""
 
 
-def adapter_fingerprint(path: str | Path) -> str:
-    """Check that `path` is a PEFT LoRA adapter directory and hash its config and weights.
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """Check that `path` is a PEFT LoRA adapter directory with safetensors weights: its config
+    and weights files.
 
     vLLM answers 200 to a load request for a path that does not exist, so this runs first.
-    """
+    Pickled weights are refused (`PICKLED_WEIGHTS`)."""
     directory = Path(path)
     if not directory.is_dir():
         raise InvalidAdapterError(f"adapter path {str(path)!r} is not a directory")
@@ -54,10 +59,24 @@ def adapter_fingerprint(path: str | Path) -> str:
             f"{config_file}: peft_type is {config.get('peft_type')!r}; "
             "only LORA adapters are served"
         )
-    weights = next((directory / f for f in ADAPTER_WEIGHT_FILES if (directory / f).is_file()), None)
-    if weights is None:
-        raise InvalidAdapterError(f"{str(path)!r} has none of {', '.join(ADAPTER_WEIGHT_FILES)}")
-    digest = hashlib.sha256(config_file.read_bytes())
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = next((name for name in PICKLED_WEIGHTS if (directory / name).is_file()), None)
+        if pickled is not None:
+            raise InvalidAdapterError(
+                f"{str(path)!r} has {pickled}, a pickle (unpickling can run code): only "
+                f"{ADAPTER_WEIGHTS} is served; save the adapter with PEFT's "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        raise InvalidAdapterError(f"{str(path)!r} has no {ADAPTER_WEIGHTS}")
+    return config_file, weights
+
+
+def adapter_fingerprint(path: str | Path) -> str:
+    """`adapter_files`' checks, then the SHA-256 of the config and the weights: it reads every
+    byte of the weights, so the gateway calls it in a worker thread."""
+    config_file, weights = adapter_files(path)
+    digest = sha256(config_file.read_bytes())
     with weights.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -98,8 +117,8 @@ class EngineClient:
         return [model["id"] for model in response.json()["data"]]
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Load a LoRA adapter (checked first) and confirm vLLM now lists it."""
-        adapter_fingerprint(path)
+        """Load a LoRA adapter (checked first, off the event loop) and confirm vLLM lists it."""
+        await asyncio.to_thread(adapter_files, path)
         response = await self._call(
             "POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
         )

@@ -63,6 +63,7 @@ class GatewayConfig:
     feedback_max_per_exchange: int = 5
     feedback_per_minute: int = 600  # per key, in this gateway
     max_body_bytes: int = 1 << 20
+    adapter_roots: list[Path] = field(default_factory=list)  # the admin API loads from these only
     caps: RequestCaps = field(default_factory=RequestCaps)
     max_concurrency: int = 256  # primaries in flight; more are a fast 503 (serving/admission.py)
     shadow_max_concurrency: int | None = None  # None: a quarter of max_concurrency

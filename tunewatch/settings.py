@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -72,6 +72,11 @@ class GatewaySettings(_Section):
         default=600, ge=1, description="Feedback posts per key and gateway; more are a 429."
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    adapter_roots: list[Path] | None = Field(
+        default=None,
+        description="Directories the admin API may load adapters from (absolute); unset: the "
+        "state dir's adapters and training folders, and the cache dir.",
+    )
     max_n: int = Field(default=4, ge=1, description="Choices (n) one request may ask for.")
     max_tokens: int | None = Field(
         default=None,
@@ -105,6 +110,15 @@ class GatewaySettings(_Section):
         default=None,
         description="Exchanges the store cannot take now wait here; unset: <state dir>/spill.",
     )
+
+    @field_validator("adapter_roots")
+    @classmethod
+    def _absolute(cls, roots: list[Path] | None) -> list[Path] | None:
+        # A relative root would mean wherever the gateway happens to be started.
+        for root in roots or []:
+            if not root.is_absolute():
+                raise ValueError(f"{str(root)!r} is not an absolute path")
+        return roots
 
 
 class MonitorSettings(_Section):

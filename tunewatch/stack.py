@@ -106,6 +106,7 @@ def build_gateway(
         feedback_max_per_exchange=settings.gateway.feedback_max_per_exchange,
         feedback_per_minute=settings.gateway.feedback_per_minute,
         max_body_bytes=settings.gateway.max_body_bytes,
+        adapter_roots=adapter_roots(settings),
         caps=request_caps(settings, launched),
         max_concurrency=settings.gateway.max_concurrency,
         shadow_max_concurrency=settings.gateway.shadow_max_concurrency,
@@ -115,6 +116,15 @@ def build_gateway(
         shutdown_timeout_s=settings.gateway.shutdown_timeout_s,
     )
     return Gateway(config, store, engine, AdapterSet(store, engine, base_adapter))
+
+
+def adapter_roots(settings: Settings) -> list[Path]:
+    """Where the admin API may load adapters from: unset, the state dir's `adapters` (where
+    deploy/ puts them), its `training` (the daemon's candidates) and the cache dir (the
+    identity adapter)."""
+    if settings.gateway.adapter_roots is not None:
+        return settings.gateway.adapter_roots
+    return [settings.state_dir / "adapters", settings.state_dir / "training", settings.cache_dir]
 
 
 def request_caps(settings: Settings, launched: bool) -> RequestCaps:

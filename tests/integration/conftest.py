@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -54,6 +55,8 @@ def running_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         TUNEWATCH_GATEWAY__PORT=str(gateway_port),
         TUNEWATCH_GATEWAY__ADMIN_TOKEN=ADMIN_TOKEN,
         TUNEWATCH_GATEWAY__RECONCILE_INTERVAL_S="2",
+        # The tests' adapters are written under pytest's temporary directories.
+        TUNEWATCH_GATEWAY__ADAPTER_ROOTS=json.dumps([str(tmp_path_factory.getbasetemp())]),
         TUNEWATCH_ENGINE__PORT=str(engine_port),
         TUNEWATCH_MONITOR__PORT=str(monitor_port),
         TUNEWATCH_MONITOR__QUALITY_INTERVAL_S="5",

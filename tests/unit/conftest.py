@@ -309,8 +309,13 @@ def make_harness(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., H
         stack.callback(store.close)
         client = EngineClient(ENGINE_URL, transport=engine.transport())
         stack.callback(asyncio.run, client.aclose())
-        # By default it reconciles at start-up, then only when a test calls it.
-        config = {"reconcile_interval_s": 3600.0, **config}
+        # By default it reconciles at start-up, then only when a test calls it; the admin API
+        # loads adapters from the test's adapters folder.
+        config = {
+            "reconcile_interval_s": 3600.0,
+            "adapter_roots": [tmp_path / "adapters"],
+            **config,
+        }
         settings = GatewayConfig(SERVED_MODEL_NAME, ADMIN_TOKEN, tmp_path / "spill.jsonl", **config)
         gateway = Gateway(settings, store, client, AdapterSet(store, client, BASE_ADAPTER))
         # As `tunewatch serve` does: the identity adapter stands for the base model, loaded first.

@@ -51,10 +51,12 @@ def test_other_weights_have_another_fingerprint(tmp_path: Path) -> None:
     )
 
 
-def test_pytorch_bin_weights_are_accepted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pickle", ["adapter_model.bin", "adapter_model.pt"])
+def test_pickled_weights_are_refused_by_name(tmp_path: Path, pickle: str) -> None:
     directory = write_adapter(tmp_path / "a")
-    (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
-    assert adapter_fingerprint(directory)
+    (directory / "adapter_model.safetensors").rename(directory / pickle)
+    with pytest.raises(InvalidAdapterError, match=f"{pickle}, a pickle.*safetensors"):
+        adapter_fingerprint(directory)
 
 
 def test_a_missing_directory_is_refused_by_name(tmp_path: Path) -> None:
