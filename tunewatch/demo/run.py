@@ -276,7 +276,11 @@ async def _loop(
     started = time.monotonic()
     timeline = Timeline(store, started)
     options = ReplayOptions(
-        model=settings.engine.served_model_name, concurrency=2, feedback_share=1.0, max_tokens=24
+        model=settings.engine.served_model_name,
+        concurrency=2,
+        rate=plan.rate,
+        feedback_share=1.0,
+        max_tokens=24,
     )
     async with (
         openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key="unused") as client,
@@ -287,7 +291,7 @@ async def _loop(
             replayer = Replayer(
                 client,
                 feedback,
-                ReplayOptions(**{**asdict(options), "rate": plan.rate}),
+                options,
                 lambda outcome: timeline.add(outcome, task),
             )
             await replayer.run(_lines(examples, plan.rate))
