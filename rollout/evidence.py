@@ -65,6 +65,7 @@ T = TypeVar("T")
 class Gathered:
     evidence: Evidence
     stage_samples: int  # candidate answers in the present stage: shadow replays or canary
+    live_rate: float  # live answers (primary and canary) a second since the rollout started
     figures: dict[str, Any]  # JSON-ready, for the look's record
 
 
@@ -230,6 +231,7 @@ class RolloutEvidence:
         )
         route = "shadow" if state.stage == "shadow" else "canary"
         stage_samples = self._stage[route].count_from(state.stage_started_at)
+        live_rate = self._live_rate()
         binary = self.metric == "exact_match"
         paired = paired_test(quality_candidate, quality_primary, binary=binary)
         figures = {
@@ -248,8 +250,19 @@ class RolloutEvidence:
             "latency_p95_primary": percentiles(latency_primary, (95,))[0],
             "candidate_answers": len(self._served.errors.values),
             "primary_answers": len(self._answered.errors.values),
+            "live_rate": live_rate,
         }
-        return Gathered(evidence, stage_samples, figures)
+        return Gathered(evidence, stage_samples, live_rate, figures)
+
+    def _live_rate(self) -> float:
+        """Live answers (primary and canary) a second, from the rollout's start to the newest
+        one: what the store holds, so a look read whole and one kept up to date agree."""
+        keys = [k for k in (self._answered.errors.keys, self._stage["canary"].keys) if k]
+        if not keys:
+            return 0.0
+        elapsed = (max(k[-1][0] for k in keys) - self.since).total_seconds()
+        live = len(self._answered.errors.keys) + len(self._stage["canary"].keys)
+        return live / elapsed if elapsed > 0 else 0.0
 
     # reading what is new
 

@@ -20,6 +20,11 @@ What a look needs before the rollout moves on:
 - the stage has lasted `stage_min_s` and gathered its own minimum of candidate samples
   (`shadow_min_pairs` mirrored answers in shadow, `step_min_samples` canary answers in each
   step), so every step is seen live at its weight;
+- the next step is the first one whose weight, at the live traffic seen so far, brings its
+  `step_min_samples` within `step_target_s`: at ~1 request/s a 5% step needs over three
+  minutes for 10 canary answers and proves no more than a 25% step does in 40 s (the guards
+  judge the whole rollout's evidence, not the step's), so it is skipped, and the reason
+  says so; at a GPU's traffic every step is taken;
 - every guard has enough data to judge (no "too few samples", no NaN): missing evidence is
   a reason to wait, never a pass. A stage that is still waiting at `stage_deadline_s` is
   paused, and the figures say what was missing.
@@ -60,6 +65,7 @@ class RolloutConfig:
     step_min_samples: int = 10  # canary answers in each step
     stage_min_s: float = 30.0
     stage_deadline_s: float = 900.0
+    step_target_s: float | None = 120.0  # None: every step, however long it takes
     require_pass: bool = False  # promote only once every guard proves the candidate not worse
     guards: GuardConfig = field(default_factory=GuardConfig)
 
@@ -74,6 +80,8 @@ class RolloutConfig:
             raise ValueError("shadow_min_pairs and step_min_samples must be at least 1")
         if not 0 <= self.stage_min_s < self.stage_deadline_s:
             raise ValueError("need 0 <= stage_min_s < stage_deadline_s")
+        if self.step_target_s is not None and self.step_target_s <= 0:
+            raise ValueError(f"step_target_s must be positive, got {self.step_target_s}")
 
 
 @dataclass(frozen=True)
@@ -117,11 +125,14 @@ def start(now: datetime) -> RolloutState:
 
 @dataclass(frozen=True)
 class Observation:
-    """One look: the time, the candidate samples of this stage, and the guards' judgement."""
+    """One look: the time, the candidate samples of this stage, the guards' judgement, and
+    the live requests a second (primary and canary) seen since the rollout started (None:
+    not known, every step is taken)."""
 
     now: datetime
     stage_samples: int
     judgement: Judgement
+    live_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -217,8 +228,29 @@ def decide_rollout(config: RolloutConfig, state: RolloutState, obs: Observation)
     if last:
         promoted = RolloutState("promoted", state.step, obs.now)
         return move("promote", f"{where}: no guard found harm ({evidence}) -> promote", promoted)
-    to = RolloutState("canary", state.step + 1, obs.now)
-    return move("advance", f"{where}: no guard found harm ({evidence}) -> {_where(config, to)}", to)
+    step, skipped = _next_step(config, state.step, obs.live_rate)
+    to = RolloutState("canary", step, obs.now)
+    reason = f"{where}: no guard found harm ({evidence}) -> {_where(config, to)}{skipped}"
+    return move("advance", reason, to)
+
+
+def _next_step(config: RolloutConfig, step: int, live_rate: float | None) -> tuple[int, str]:
+    """The first later step that gathers its canary answers within `step_target_s` at the
+    live rate (the last one at most), and what was skipped, said for the reason."""
+    last, chosen = len(config.steps) - 1, step + 1
+    if config.step_target_s is None or live_rate is None:
+        return chosen, ""
+    needed_weight = config.step_min_samples / (max(live_rate, 1e-9) * config.step_target_s)
+    while chosen < last and config.steps[chosen] < needed_weight:
+        chosen += 1
+    if chosen == step + 1:
+        return chosen, ""
+    skipped = ", ".join(f"{w:.0%}" for w in config.steps[step + 1 : chosen])
+    return chosen, (
+        f", skipping {skipped}: at {live_rate:.2f} live requests/s a step needs "
+        f"{needed_weight:.0%} of them for {config.step_min_samples} canary answers within "
+        f"{config.step_target_s:.0f} s"
+    )
 
 
 def command(config: RolloutConfig, state: RolloutState, name: Command, now: datetime) -> Transition:

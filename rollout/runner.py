@@ -232,7 +232,7 @@ class RolloutRunner:
         gathered = evidence.gathered(rollout.state)
         judgement = judge(gathered.evidence, rollout.config.guards)
         now = datetime.now(UTC)
-        observation = Observation(now, gathered.stage_samples, judgement)
+        observation = Observation(now, gathered.stage_samples, judgement, gathered.live_rate)
         transition = decide_rollout(rollout.config, rollout.state, observation)
         transition = replace(transition, figures={**transition.figures, **gathered.figures})
         metrics.publish_look(rollout.row.candidate, judgement, gathered.figures)

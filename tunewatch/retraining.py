@@ -84,6 +84,7 @@ def runner_config(settings: Settings) -> RunnerConfig:
             step_min_samples=options.step_min_samples,
             stage_min_s=options.stage_min_s,
             stage_deadline_s=options.stage_deadline_s,
+            step_target_s=options.step_target_s,
             require_pass=options.require_pass,
             guards=guards,
         )

@@ -212,6 +212,12 @@ class RolloutSettings(_Section):
     step_min_samples: int = Field(default=10, ge=1, description="Canary answers per step.")
     stage_min_s: float = Field(default=30.0, ge=0)
     stage_deadline_s: float = Field(default=900.0, gt=0, description="Then pause for a person.")
+    step_target_s: float | None = Field(
+        default=120.0,
+        gt=0,
+        description="Skip canary steps too small to gather step_min_samples in this time at "
+        "the live traffic seen; unset: take every step.",
+    )
     require_pass: bool = False
     metric: Literal["exact_match", "chrf", "rouge_l"] = "chrf"
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Over the whole rollout.")

@@ -157,3 +157,15 @@ def test_a_look_scores_only_the_pairs_that_are_new_or_relabelled(store: Store) -
 
     kept.update(store)
     assert len(calls) == 8
+
+
+def test_the_live_rate_counts_primary_and_canary_answers_not_shadows(store: Store) -> None:
+    rollout = start_rollout(store)
+    # Over the first 20 s: 8 primary answers (one failed), 2 canary; 5 shadows do not count.
+    store.record_exchanges(
+        [primary(n) for n in (2, 4, 6, 8, 10, 12, 14)]
+        + [primary(16, None, status="error", http_status=500)]
+        + [exchange_record(n, adapter=CANDIDATE, route="canary") for n in (18, 20)]
+        + [shadow(n + 1, n) for n in (2, 4, 6, 8, 10)]
+    )
+    assert gather(store, rollout, "chrf", partial(answer_score, metric="chrf")).live_rate == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -71,6 +72,34 @@ def test_shadow_moves_to_the_first_canary_step_once_no_guard_found_harm():
 def test_each_canary_step_moves_to_the_next(step: int):
     moved = decide_rollout(CONFIG, canary(step), look(canary(step), after_s=60, same=True))
     assert moved.action == "advance" and moved.state.step == step + 1
+
+
+def test_a_step_too_small_for_the_live_traffic_is_skipped_and_the_reason_says_so():
+    # 0.7 requests/s: 5% gathers 10 canary answers in 286 s, over the 120 s target; 25%
+    # gathers them in 57 s.
+    observed = replace(look(start(T0), after_s=60, same=True), live_rate=0.7)
+    moved = decide_rollout(CONFIG, start(T0), observed)
+    assert moved.action == "advance" and moved.state.weight(CONFIG) == 0.25
+    assert "skipping 5%" in moved.reason and "0.70 live requests/s" in moved.reason
+
+
+def test_at_enough_traffic_every_step_is_taken():
+    observed = replace(look(start(T0), after_s=60, same=True), live_rate=20.0)
+    moved = decide_rollout(CONFIG, start(T0), observed)
+    assert moved.state.weight(CONFIG) == 0.05 and "skipping" not in moved.reason
+
+
+def test_a_trickle_of_traffic_goes_to_the_last_step_at_most():
+    observed = replace(look(canary(0), after_s=60, same=True), live_rate=0.01)
+    moved = decide_rollout(CONFIG, canary(0), observed)
+    assert (moved.action, moved.state.step) == ("advance", LAST)
+    assert "skipping 25%, 50%" in moved.reason
+
+
+def test_without_a_step_target_every_step_is_taken_however_slow():
+    config = RolloutConfig(step_target_s=None)
+    observed = replace(look(start(T0), after_s=60, same=True), live_rate=0.01)
+    assert decide_rollout(config, start(T0), observed).state.step == 0
 
 
 def test_the_last_step_promotes():
