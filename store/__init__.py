@@ -13,12 +13,13 @@ from store.adapters import AdapterRecords
 from store.drift import DriftRecords
 from store.events import EventRecords
 from store.exchanges import ExchangeRecords
+from store.retention import RetentionRecords
 from store.schema import ensure_current
 
 __all__ = ["Store"]
 
 
-class Store(ExchangeRecords, AdapterRecords, DriftRecords, EventRecords):
+class Store(ExchangeRecords, AdapterRecords, DriftRecords, EventRecords, RetentionRecords):
     """All the schema's shared reads and writes; one instance per process."""
 
     def __init__(self, url: str) -> None:
