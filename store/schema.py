@@ -112,8 +112,7 @@ def ensure_current(engine: Engine) -> None:
     with _explained(engine.url), _locked(engine.url) as connection:
         found = version(connection)
         if found.revision is None:
-            Base.metadata.create_all(connection)
-            command.stamp(alembic_config(connection), "head")
+            _make(connection)
             return
         _refuse_unknown(connection, found)
         if found.revision != head():
@@ -132,8 +131,7 @@ def upgrade(url: str | URL, reason: str) -> tuple[str | None, str]:
     with _explained(url), _locked(url) as connection:
         found = version(connection)
         if found.revision is None:
-            Base.metadata.create_all(connection)
-            command.stamp(alembic_config(connection), "head")
+            _make(connection)
             return None, head()
         _refuse_unknown(connection, found)
         if not found.stamped:
@@ -153,6 +151,8 @@ def upgrade(url: str | URL, reason: str) -> tuple[str | None, str]:
 
 def current(url: str | URL) -> SchemaVersion:
     """The database's revision, read without changing anything."""
+    if make_url(url).get_backend_name() == "sqlite":
+        private_sqlite_file(url)  # connecting would create it, readable by all
     engine = create_engine(url)
     try:
         with _explained(url), engine.connect() as connection:
@@ -177,6 +177,12 @@ def _explained(url: str | URL) -> Iterator[None]:
 
 def _first_line(exc: DBAPIError) -> str:
     return str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc).__name__
+
+
+def _make(connection: Connection) -> None:
+    """An empty database made from the models, stamped at the newest revision."""
+    Base.metadata.create_all(connection)
+    command.stamp(alembic_config(connection), "head")
 
 
 def _refuse_unknown(connection: Connection, found: SchemaVersion) -> None:
