@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def tunewatch_tables(name: str | None, type_: str, parent_names: dict[str, str |
     return type_ != "table" or name in Base.metadata.tables
 
 
+@cache  # read from the revision files once per process: every store's start asks
 def head() -> str:
     """The newest revision: the schema of the models in store/."""
     script = ScriptDirectory(str(MIGRATIONS))
