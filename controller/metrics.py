@@ -1,6 +1,7 @@
 """The scheduler's Prometheus metrics, declared once; exported on the monitor sidecar's /metrics
 (the process that runs the scheduler). `scheduler_job` names one of the scheduler's fixed jobs
-(not `job`, which Prometheus gives every scraped series)."""
+(not `job`, which Prometheus gives every scraped series); `table` one the retention job
+deletes from."""
 
 from prometheus_client import Counter, Gauge
 
@@ -18,3 +19,12 @@ JOB_DURATION = Gauge(
     "How long the job's last run took.",
     ["scheduler_job"],
 )
+PRUNED_ROWS = Counter(
+    "tunewatch_retention_pruned_rows_total",
+    "Rows the retention job deleted, by table (exchanges, feedback).",
+    ["table"],
+)
+
+# Each known label value starts at 0: the first prune is then an increase Prometheus sees.
+for _table in ("exchanges", "feedback"):
+    PRUNED_ROWS.labels(_table)

@@ -3,7 +3,8 @@
 SQLAlchemy 2 with one code path for SQLite (the embedded default, WAL mode) and
 PostgreSQL (several gateways on several hosts). The methods are synchronous; the
 gateway calls them through `asyncio.to_thread` so a slow disk never blocks its event loop.
-The tables live by concern in the modules next to this one; `store.Store` is all of them.
+The tables live by concern in the modules next to this one; `store.Store` is all of them,
+and store.schema keeps the database at their revision.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, TypeDecorator, create_engine, event, inspect
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import JSON, DateTime, TypeDecorator, create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 
@@ -68,45 +69,23 @@ def _enable_sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def private_sqlite_file(url: str | URL) -> None:
+    """Create the SQLite database's file (and folder) if need be, readable by its owner only:
+    it holds every prompt (SQLite gives its -wal and -shm files the database file's mode)."""
+    database = make_url(url).database
+    if database and database != ":memory:":
+        path = Path(database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+
+
 def create_db_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            path = Path(database).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # It holds every prompt: created private (SQLite gives its -wal and -shm files
-            # the database file's mode).
-            path.touch(mode=0o600, exist_ok=True)
+        private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _enable_sqlite_wal)
         return engine
     return create_engine(url, pool_pre_ping=True)
-
-
-class SchemaMismatchError(RuntimeError):
-    """The database was made by another version of tunewatch; the message says what differs."""
-
-
-def _check_schema(engine: Engine) -> None:
-    """Refuse, with names, a database whose tables lack columns this version needs.
-
-    `create_all` makes missing tables but never alters existing ones. There are no
-    migrations before the first release; until then an old database is refused here
-    rather than failing later, mid-request, on a missing column.
-    """
-    inspector = inspect(engine)
-    missing = [
-        f"{table.name}.{column.name}"
-        for table in Base.metadata.sorted_tables
-        for column in table.columns
-        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
-    ]
-    if missing:
-        raise SchemaMismatchError(
-            f"the database {engine.url.render_as_string(hide_password=True)} was made by an "
-            f"older tunewatch and lacks {', '.join(missing)}; point database_url at a new "
-            "database (schema migrations arrive with the first release)"
-        )
 
 
 class StoreBase:
@@ -114,8 +93,6 @@ class StoreBase:
 
     def __init__(self, url: str) -> None:
         self.engine = create_db_engine(url)
-        Base.metadata.create_all(self.engine)
-        _check_schema(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

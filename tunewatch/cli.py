@@ -27,9 +27,9 @@ from rollout.repository import UnknownRolloutError
 from serving.engine import InvalidAdapterError
 from serving.model import ModelNotFoundError
 from serving.supervisor import ProcessStartError
-from store import Store
+from store import Store, schema
 from store.adapters import RoutingTable
-from store.base import SchemaMismatchError
+from store.schema import DatabaseUnavailableError, SchemaMismatchError
 from tunewatch import stack
 from tunewatch.settings import Settings, SettingsError, load_settings
 from tunewatch.traffic import GatewayUnreachableError, TrafficFileError
@@ -39,6 +39,7 @@ from tunewatch.traffic import GatewayUnreachableError, TrafficFileError
 FAILURES: dict[type[Exception], tuple[str, int]] = {
     SettingsError: ("error", 2),
     SchemaMismatchError: ("error", 2),
+    DatabaseUnavailableError: ("error", 1),
     ModelNotFoundError: ("error", 2),
     InvalidAdapterError: ("error", 2),
     RegistryError: ("error", 2),
@@ -79,6 +80,8 @@ rollout_app = typer.Typer(
     help="Rollouts of candidate adapters: shadow, canary steps, promotion.", no_args_is_help=True
 )
 app.add_typer(rollout_app, name="rollout")
+db_app = typer.Typer(help="The database's schema: its revision, the upgrade.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 console = Console(stderr=True)
 
@@ -388,6 +391,33 @@ def events(
             event.reason,
         )
     Console().print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Upgrade the database in place to this tunewatch's schema (back it up first)."""
+    settings = _settings(config)
+    before, after = schema.upgrade(settings.store_url, "tunewatch db upgrade")
+    if before is None:
+        console.print(f"made the database at revision {after}")
+    elif before == after:
+        console.print(f"the database is at revision {after} already")
+    else:
+        console.print(f"upgraded the database from revision {before} to {after}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None) -> None:
+    """The database's schema revision, and this tunewatch's."""
+    settings = _settings(config)
+    found, newest = schema.current(settings.store_url), schema.head()
+    if found.revision is None:
+        console.print(f"the database is empty; tunewatch makes it at revision {newest}")
+        return
+    how = "" if found.stamped else " (made before migrations: told by its columns)"
+    console.print(f"the database is at revision {found.revision}{how}; tunewatch's: {newest}")
+    if found.revision != newest:
+        console.print("run `tunewatch db upgrade` to upgrade it")
 
 
 @drift_app.command("calibrate")

@@ -14,6 +14,7 @@ import logging
 
 from prometheus_client import start_http_server
 
+from controller.retention import Retention
 from controller.scheduler import PeriodicJob, Scheduler
 from monitor.drift import Column, DriftConfig
 from monitor.embeddings import PromptEmbedder
@@ -25,7 +26,13 @@ from retrain.trigger import Trigger
 from rollout.runner import RolloutRunner
 from serving.engine import EngineClient
 from store import Store
-from tunewatch.retraining import quality_signal, retrain_config, runner_config, trigger_config
+from tunewatch.retraining import (
+    quality_signal,
+    retention_config,
+    retrain_config,
+    runner_config,
+    trigger_config,
+)
 from tunewatch.settings import Settings, SettingsError
 from tunewatch.stack import identity_adapter_name, prepare
 
@@ -110,6 +117,16 @@ async def monitor(settings: Settings, engine_url: str) -> None:
             golden=sidecar.run_goldens if config.golden_set is not None else None,
         )
         jobs.append(PeriodicJob("rollout", rollouts.tick, settings.rollout.interval_s))
+    retention = retention_config(settings, identity_adapter_name(identity_dir))
+    if retention is not None:
+        prune = Retention(store, retention).run
+        jobs.append(
+            PeriodicJob(
+                "retention",
+                lambda: asyncio.to_thread(prune),
+                settings.store.retention_interval_s,
+            )
+        )
     start_http_server(options.port, addr=options.host)
     log.info("monitor listening", extra={"url": f"http://{options.host}:{options.port}/metrics"})
     try:

@@ -1,5 +1,5 @@
-"""Assembles the controller's parts from the settings: the retrain trigger, training jobs and
-rollouts.
+"""Assembles the controller's parts from the settings: the retrain trigger, training jobs,
+rollouts and retention.
 
 Bad values are refused here, at start, with the setting's name: a typo in
 `retrain.training` must not surface hours later as a failed training job.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from controller.retention import RetentionConfig
 from monitor.goldens import DEFAULT_GOLDEN_SET
 from retrain.jobs import RetrainConfig
 from retrain.policy import TriggerConfig
@@ -109,4 +110,20 @@ def retrain_config(settings: Settings, model_dir: Path) -> RetrainConfig:
         start_delay_s=options.start_delay_s,
         hpo_trials=options.hpo_trials,
         launcher=tuple(options.launcher) or (sys.executable,),
+    )
+
+
+def retention_config(settings: Settings, base_adapter: str | None) -> RetentionConfig | None:
+    """None when neither limit is set: every exchange is kept."""
+    options = settings.store
+    if options.retention_days is None and options.retention_max_exchanges is None:
+        return None
+    return RetentionConfig(
+        max_age=None if options.retention_days is None else timedelta(days=options.retention_days),
+        max_exchanges=options.retention_max_exchanges,
+        batch=options.retention_batch,
+        base_adapter=base_adapter,
+        reference_size=settings.monitor.reference_size,
+        window_size=settings.monitor.window_size,
+        max_examples=settings.retrain.max_examples,
     )

@@ -232,6 +232,19 @@ class RolloutSettings(_Section):
     drain_s: float = Field(default=15.0, ge=0, description="Before vLLM unloads an adapter.")
 
 
+class StoreSettings(_Section):
+    """Retention (controller/retention.py): both limits unset keep every exchange."""
+
+    retention_days: float | None = Field(
+        default=None, gt=0, description="Delete exchanges older than this; unset: no age limit."
+    )
+    retention_max_exchanges: int | None = Field(
+        default=None, ge=1, description="Keep the newest this many exchanges; unset: no cap."
+    )
+    retention_interval_s: float = Field(default=3600.0, gt=0, description="One prune per interval.")
+    retention_batch: int = Field(default=1000, ge=1, description="Exchanges per transaction.")
+
+
 class PrometheusSettings(_Section):
     """The Prometheus `tunewatch up` runs beside the stack, with the shipped alert rules."""
 
@@ -260,6 +273,7 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
 
     @classmethod

@@ -32,7 +32,7 @@ from serving.gateway import Gateway, GatewayConfig
 from serving.limits import RequestCaps
 from serving.model import ensure_identity_adapter, is_prepared, model_dir_of, prepare_model
 from serving.supervisor import ProcessStartError, SupervisedProcess
-from store import Store
+from store import Store, schema
 from tunewatch import prometheus
 from tunewatch.settings import Settings, SettingsError
 
@@ -46,8 +46,8 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # One line per engine call or scheduled run is noise.
-    for chatty in ("httpx", "apscheduler"):
+    # One line per engine call, scheduled run or schema check is noise (upgrades say their own).
+    for chatty in ("httpx", "apscheduler", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
@@ -241,9 +241,19 @@ async def _http_ok(url: str) -> bool:
             return False
 
 
+def upgrade_local_store(url: str) -> None:
+    """`up` upgrades a SQLite database itself: the file is this node's alone, and nothing else
+    runs an older tunewatch on it (a shared PostgreSQL waits for `tunewatch db upgrade`)."""
+    before, after = schema.upgrade(url, "tunewatch up: a SQLite database is this node's own")
+    if before is not None and before != after:
+        log.info("database upgraded", extra={"from": before, "to": after})
+
+
 async def up(settings: Settings, config_file: Path | None) -> None:
     """vLLM and the monitor as supervised child processes, the gateway in this one."""
     model_dir, identity_dir = await asyncio.to_thread(prepare, settings)
+    if settings.store_url.startswith("sqlite"):
+        await asyncio.to_thread(upgrade_local_store, settings.store_url)
     engine_url = f"http://127.0.0.1:{settings.engine.port}"
     gateway = build_gateway(settings, engine_url, identity_dir, launched=True)
 
