@@ -84,7 +84,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         for name, value in reduced.items():
             patch.setenv(name, value)
         settings = load_settings(PROFILE).model_copy(update={"state_dir": state_dir})
-        plan = DemoPlan(held_out=30, time_limit_s=1800)
+        plan = DemoPlan(held_out=30, time_limit_s=3000)
         result = asyncio.run(run_demo(state_dir, plan, Console(file=io.StringIO())))
         write(result, state_dir)
         yield Demo(result, settings, dict(os.environ, TUNEWATCH_STATE_DIR=str(state_dir)))
