@@ -20,11 +20,11 @@ What a look needs before the rollout moves on:
 - the stage has lasted `stage_min_s` and gathered its own minimum of candidate samples
   (`shadow_min_pairs` mirrored answers in shadow, `step_min_samples` canary answers in each
   step), so every step is seen live at its weight;
-- the next step is the first one whose weight, at the live traffic seen so far, brings its
-  `step_min_samples` within `step_target_s`: at ~1 request/s a 5% step needs over three
-  minutes for 10 canary answers and proves no more than a 25% step does in 40 s (the guards
-  judge the whole rollout's evidence, not the step's), so it is skipped, and the reason
-  says so; at a GPU's traffic every step is taken;
+- the first canary step is the first weight that brings its `step_min_samples` within
+  `step_target_s` at the live traffic seen in shadow: at ~1 request/s a 5% step waits over
+  three minutes for 10 canary answers, so it is skipped and the reason says so; at a GPU's
+  traffic it is taken. Never the last step: at 100% no primary request is left to mirror,
+  and the paired evidence would stop where the shadow left it. Later steps are all taken;
 - every guard has enough data to judge (no "too few samples", no NaN): missing evidence is
   a reason to wait, never a pass. A stage that is still waiting at `stage_deadline_s` is
   paused, and the figures say what was missing.
@@ -228,24 +228,26 @@ def decide_rollout(config: RolloutConfig, state: RolloutState, obs: Observation)
     if last:
         promoted = RolloutState("promoted", state.step, obs.now)
         return move("promote", f"{where}: no guard found harm ({evidence}) -> promote", promoted)
-    step, skipped = _next_step(config, state.step, obs.live_rate)
+    step, skipped = (
+        _first_step(config, obs.live_rate) if state.stage == "shadow" else (state.step + 1, "")
+    )
     to = RolloutState("canary", step, obs.now)
     reason = f"{where}: no guard found harm ({evidence}) -> {_where(config, to)}{skipped}"
     return move("advance", reason, to)
 
 
-def _next_step(config: RolloutConfig, step: int, live_rate: float | None) -> tuple[int, str]:
-    """The first later step that gathers its canary answers within `step_target_s` at the
-    live rate (the last one at most), and what was skipped, said for the reason."""
-    last, chosen = len(config.steps) - 1, step + 1
+def _first_step(config: RolloutConfig, live_rate: float | None) -> tuple[int, str]:
+    """The first step whose weight gathers its canary answers within `step_target_s` at the
+    live rate (the one before the last at most), and what was skipped, said for the reason."""
     if config.step_target_s is None or live_rate is None:
-        return chosen, ""
+        return 0, ""
     needed_weight = config.step_min_samples / (max(live_rate, 1e-9) * config.step_target_s)
-    while chosen < last and config.steps[chosen] < needed_weight:
+    chosen, highest = 0, max(len(config.steps) - 2, 0)
+    while chosen < highest and config.steps[chosen] < needed_weight:
         chosen += 1
-    if chosen == step + 1:
-        return chosen, ""
-    skipped = ", ".join(f"{w:.0%}" for w in config.steps[step + 1 : chosen])
+    if chosen == 0:
+        return 0, ""
+    skipped = ", ".join(f"{w:.0%}" for w in config.steps[:chosen])
     return chosen, (
         f", skipping {skipped}: at {live_rate:.2f} live requests/s a step needs "
         f"{needed_weight:.0%} of them for {config.step_min_samples} canary answers within "

@@ -89,11 +89,18 @@ def test_at_enough_traffic_every_step_is_taken():
     assert moved.state.weight(CONFIG) == 0.05 and "skipping" not in moved.reason
 
 
-def test_a_trickle_of_traffic_goes_to_the_last_step_at_most():
+def test_a_trickle_of_traffic_starts_at_the_step_before_the_last_at_most():
+    # At 100% no primary request is left to mirror: the paired evidence would stop.
+    observed = replace(look(start(T0), after_s=60, same=True), live_rate=0.01)
+    moved = decide_rollout(CONFIG, start(T0), observed)
+    assert (moved.action, moved.state.step) == ("advance", LAST - 1)
+    assert "skipping 5%, 25%" in moved.reason
+
+
+def test_only_the_first_step_is_sized_by_the_traffic():
     observed = replace(look(canary(0), after_s=60, same=True), live_rate=0.01)
     moved = decide_rollout(CONFIG, canary(0), observed)
-    assert (moved.action, moved.state.step) == ("advance", LAST)
-    assert "skipping 25%, 50%" in moved.reason
+    assert moved.state.step == 1 and "skipping" not in moved.reason
 
 
 def test_without_a_step_target_every_step_is_taken_however_slow():
