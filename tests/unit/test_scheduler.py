@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from controller.scheduler import LEASE, PeriodicJob, Scheduler
-from store import Store
+from store import Store, events
 
 
 @pytest.fixture
@@ -154,6 +154,33 @@ def test_the_lease_is_held_renewed_refused_and_taken_once_expired(store_url: str
     assert not store.acquire_lease(LEASE, "a", ttl_s=30)
     store.release_lease(LEASE, "b")
     assert store.acquire_lease(LEASE, "a", ttl_s=30)
+    store.close()
+
+
+@pytest.mark.parametrize("skew", [timedelta(hours=-1), timedelta(hours=1)])
+def test_the_leases_expiry_is_the_databases_clock_not_the_callers(
+    store_url: str, monkeypatch: pytest.MonkeyPatch, skew: timedelta
+) -> None:
+    """A holder whose clock runs an hour behind must not write a lease already expired; one
+    whose clock runs an hour ahead must not take a lease still held."""
+    store = Store(store_url)
+    skewed = lambda: datetime.now(UTC) + skew  # noqa: E731
+    with monkeypatch.context() as clock:
+        clock.setattr(events, "utcnow", skewed)
+        if skew < timedelta(0):
+            assert store.acquire_lease(LEASE, "behind", ttl_s=60)
+    if skew < timedelta(0):
+        assert not store.acquire_lease(LEASE, "on-time", ttl_s=60)
+    else:
+        assert store.acquire_lease(LEASE, "on-time", ttl_s=60)
+        with monkeypatch.context() as clock:
+            clock.setattr(events, "utcnow", skewed)
+            assert not store.acquire_lease(LEASE, "ahead", ttl_s=60)
+    with store.engine.connect() as connection:
+        expires = connection.scalar(text("SELECT expires_at FROM leases"))
+    if isinstance(expires, str):  # SQLite's text
+        expires = datetime.fromisoformat(expires).replace(tzinfo=UTC)
+    assert abs(expires - (datetime.now(UTC) + timedelta(seconds=60))) < timedelta(seconds=10)
     store.close()
 
 
