@@ -39,15 +39,20 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
 from apscheduler.job import Job
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from controller import metrics
 from store import Store
+from store.base import create_db_engine
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +210,7 @@ class Scheduler:
 
     def _reconcile(self, scheduler: AsyncIOScheduler) -> None:
         """The stored jobs made this version's, then the scheduler running them."""
-        scheduler.add_jobstore(SQLAlchemyJobStore(engine=self.store.engine), "default")
+        scheduler.add_jobstore(SQLAlchemyJobStore(engine=self._job_store_engine()), "default")
         scheduler.start(paused=True)  # the stored jobs are reconciled before any runs
         stored = {job.id: job for job in scheduler.get_jobs()}
         for job in self.jobs:
@@ -226,6 +231,16 @@ class Scheduler:
             scheduler.remove_job(name)  # a job this version no longer has
         scheduler.resume()
 
+    def _job_store_engine(self) -> Engine:
+        """An engine of its own for APScheduler's job store, whose calls run on the event loop:
+        on SQLite with a busy timeout short enough (a tenth of the renewal interval) that a
+        locked database holds the loop, and the lease's timing, for no longer."""
+        engine = create_db_engine(self.store.engine.url.render_as_string(hide_password=False))
+        if engine.dialect.name == "sqlite":
+            busy_ms = max(1, round(self.renew_every_s * 100))
+            event.listen(engine, "connect", partial(_busy_timeout, busy_ms=busy_ms))
+        return engine
+
     def _stop(self) -> None:
         assert self._scheduler is not None
         self._scheduler.shutdown(wait=False)
@@ -241,6 +256,12 @@ class Scheduler:
             kind, reason, data = self._unrecorded[0]
             self.store.record_event(kind, reason, self.holder, **data)
             self._unrecorded.pop(0)
+
+
+def _busy_timeout(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+    cursor.close()
 
 
 def _describe(exc: BaseException) -> str:
