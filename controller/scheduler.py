@@ -18,8 +18,14 @@ Why each setting is what it is:
   the jobs). A daemon starts its scheduler only while it holds the `scheduler` lease in the
   database, renews it every third of its time to live, and stops the scheduler the moment a
   renewal fails; a second daemon on the same database waits, and takes over when the first
-  stops renewing. Jobs are not fenced beyond that: a holder that stalls longer than the time
-  to live could overlap its successor by one job run.
+  stops renewing. Expiry is the database's clock (store/events.py).
+- The database may fail: a lease call that raises or does not answer within a third of the
+  time to live means "not leader now" (jobs stopped, the loop keeps trying), never a dead
+  daemon; the events it could not record are recorded once the database answers again. A
+  call is bounded by a third of the time to live, so a holder always stops before its lease
+  can have expired in the database (docs/design.md, "When the database fails"). Jobs are not
+  fenced beyond that: a job body already in a worker thread finishes its run, which is why a
+  rollout transition checks the version it read (rollout/runner.py).
 """
 
 from __future__ import annotations
@@ -33,14 +39,20 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
 from apscheduler.job import Job
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from controller import metrics
 from store import Store
+from store.base import create_db_engine
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +96,19 @@ def default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class _AsyncIOScheduler(AsyncIOScheduler):
+    """APScheduler's, but a job store that fails after the due jobs were read (writing their
+    next run times) is retried like one that fails at the read: APScheduler lets that error
+    out of its timer callback, and then never wakes again while the daemon looks alive."""
+
+    def _process_jobs(self) -> float | None:
+        try:
+            return super()._process_jobs()
+        except SQLAlchemyError as exc:
+            log.warning("job store failed; retrying", extra={"error": _describe(exc)})
+            return self.jobstore_retry_interval
+
+
 class Scheduler:
     """Runs the jobs while this daemon holds the lease; waits for it otherwise."""
 
@@ -102,35 +127,90 @@ class Scheduler:
         self.holder = holder or default_holder()
         self.lease_ttl_s = lease_ttl_s
         self._scheduler: AsyncIOScheduler | None = None
+        self._unrecorded: list[tuple[str, str, dict[str, object]]] = []  # the database was down
+        self._failing_since: float | None = None  # monotonic, while lease calls fail
 
     @property
     def leading(self) -> bool:
         return self._scheduler is not None
 
+    @property
+    def renew_every_s(self) -> float:
+        return self.lease_ttl_s / 3
+
     async def run(self) -> None:
-        """Until cancelled: take the lease, run the jobs, renew; on losing it, stop and wait."""
+        """Until cancelled: take the lease, run the jobs, renew; on losing it (or the
+        database), stop and keep trying."""
         try:
             while True:
-                held = await asyncio.to_thread(
-                    self.store.acquire_lease, LEASE, self.holder, self.lease_ttl_s
-                )
-                if held and not self.leading:
-                    self._start()
-                elif not held and self.leading:
-                    log.warning("scheduler lease lost; jobs stopped", extra={"holder": self.holder})
-                    self.store.record_event("scheduler.standby", "lease lost", self.holder)
-                    self._stop()
+                await self._look()
                 metrics.LEADER.set(int(self.leading))
-                await asyncio.sleep(self.lease_ttl_s / 3)
+                await asyncio.sleep(self.renew_every_s)
         finally:
             if self.leading:
                 self._stop()
-                await asyncio.to_thread(self.store.release_lease, LEASE, self.holder)
+                try:
+                    await asyncio.to_thread(self.store.release_lease, LEASE, self.holder)
+                except SQLAlchemyError as exc:  # it expires by itself
+                    log.warning("lease not released", extra={"error": _describe(exc)})
             metrics.LEADER.set(0)
 
+    async def _look(self) -> None:
+        """One lease call, and what follows from its answer; a failed call is "not held"."""
+        try:
+            held = await asyncio.wait_for(
+                asyncio.to_thread(self.store.acquire_lease, LEASE, self.holder, self.lease_ttl_s),
+                timeout=self.renew_every_s,
+            )
+        except (SQLAlchemyError, TimeoutError) as exc:
+            self._database_failed(exc)
+            return
+        if self._failing_since is not None:
+            down_s = time.monotonic() - self._failing_since
+            log.warning("database answers again", extra={"after_s": round(down_s, 1)})
+            self._failing_since = None
+        if held and not self.leading:
+            self._start()
+        elif not held and self.leading:
+            self._stop()
+            log.warning("scheduler lease lost; jobs stopped", extra={"holder": self.holder})
+            self._record("scheduler.standby", "lease lost")
+        try:
+            await asyncio.to_thread(self._record_unrecorded)
+        except SQLAlchemyError as exc:  # kept for the next look
+            log.warning("scheduler events not recorded yet", extra={"error": _describe(exc)})
+
+    def _database_failed(self, exc: BaseException) -> None:
+        why = _describe(exc)
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("lease call failed: not leading now", extra={"error": why})
+        if self.leading:
+            self._stop()
+            log.warning("scheduler jobs stopped: the lease cannot be renewed", extra={"error": why})
+            self._record("scheduler.standby", f"the lease could not be renewed: {why}")
+
     def _start(self) -> None:
-        scheduler = AsyncIOScheduler(timezone=UTC)
-        scheduler.add_jobstore(SQLAlchemyJobStore(engine=self.store.engine), "default")
+        scheduler = _AsyncIOScheduler(timezone=UTC, jobstore_retry_interval=self.renew_every_s)
+        try:
+            self._reconcile(scheduler)
+        except SQLAlchemyError as exc:
+            if scheduler.running:
+                scheduler.shutdown(wait=False)
+            why = _describe(exc)
+            log.warning("scheduler not started: the job store failed", extra={"error": why})
+            return
+        self._scheduler = scheduler
+        log.info("scheduler leading", extra={"holder": self.holder, "jobs": sorted(_BODIES)})
+        self._record(
+            "scheduler.leading",
+            "took the scheduler lease",
+            jobs={job.name: job.interval_s for job in self.jobs},
+        )
+
+    def _reconcile(self, scheduler: AsyncIOScheduler) -> None:
+        """The stored jobs made this version's, then the scheduler running them."""
+        scheduler.add_jobstore(SQLAlchemyJobStore(engine=self._job_store_engine()), "default")
         scheduler.start(paused=True)  # the stored jobs are reconciled before any runs
         stored = {job.id: job for job in scheduler.get_jobs()}
         for job in self.jobs:
@@ -150,19 +230,46 @@ class Scheduler:
         for name in stored.keys() - {job.name for job in self.jobs}:
             scheduler.remove_job(name)  # a job this version no longer has
         scheduler.resume()
-        self._scheduler = scheduler
-        log.info("scheduler leading", extra={"holder": self.holder, "jobs": sorted(_BODIES)})
-        self.store.record_event(
-            "scheduler.leading",
-            "took the scheduler lease",
-            self.holder,
-            jobs={job.name: job.interval_s for job in self.jobs},
-        )
+
+    def _job_store_engine(self) -> Engine:
+        """An engine of its own for APScheduler's job store, whose calls run on the event loop:
+        on SQLite with a busy timeout short enough (a tenth of the renewal interval) that a
+        locked database holds the loop, and the lease's timing, for no longer."""
+        engine = create_db_engine(self.store.engine.url.render_as_string(hide_password=False))
+        if engine.dialect.name == "sqlite":
+            busy_ms = max(1, round(self.renew_every_s * 100))
+            event.listen(engine, "connect", partial(_busy_timeout, busy_ms=busy_ms))
+        return engine
 
     def _stop(self) -> None:
         assert self._scheduler is not None
         self._scheduler.shutdown(wait=False)
         self._scheduler = None
+
+    def _record(self, kind: str, reason: str, **data: object) -> None:
+        """An event of the scheduler's, recorded after this look, or once the database answers;
+        `at` says when it happened."""
+        self._unrecorded.append((kind, reason, {**data, "at": datetime.now(UTC).isoformat()}))
+
+    def _record_unrecorded(self) -> None:
+        while self._unrecorded:
+            kind, reason, data = self._unrecorded[0]
+            self.store.record_event(kind, reason, self.holder, **data)
+            self._unrecorded.pop(0)
+
+
+def _busy_timeout(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+    cursor.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """An error in one line: its type and its first line (SQLAlchemy's carry the SQL after)."""
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: no answer in time"
+    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {first[0] if first else ''}"
 
 
 def _next_run(stored: Job | None, interval_s: float) -> datetime:

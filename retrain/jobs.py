@@ -37,11 +37,12 @@ from typing import IO, Any, Literal
 
 from pydantic import TypeAdapter
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from transformers import AutoTokenizer
 
 from monitor.goldens import load_golden_set
 from monitor.traffic import labelled_exchanges
-from registry.versions import family_of, register
+from registry.versions import AdapterVersion, family_of, register, versions
 from retrain import metrics
 from retrain.data import TrainingDataError, build_training_set, write_training_set
 from retrain.training.spec import TrainingConfig, TrainingSpec, result_path
@@ -232,7 +233,8 @@ def spawn(
     store: Store, job_id: int, config: RetrainConfig, *, stderr: IO[Any] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start the trainer child for a claimed, prepared job; its output goes to trainer.log
-    (or to `stderr`, a terminal, for a job run by hand)."""
+    (or to `stderr`, a terminal, for a job run by hand). A database that fails once the child
+    runs does not stop it: its pid is recorded when the database answers (`record_started`)."""
     directory = job_dir(config, job_id)
     env = dict(os.environ, TUNEWATCH_DATABASE_URL=config.database_url, HF_HUB_OFFLINE="1")
     command = [*config.launcher, "-m", "retrain.trainer", "--job", str(job_id)]
@@ -240,6 +242,18 @@ def spawn(
         process = subprocess.Popen(
             command, env=env, stdout=sink, stderr=stderr or sink, start_new_session=True
         )
+    metrics.TRAINING_RUNNING.set(1)
+    try:
+        record_started(store, job_id, config, process)
+    except SQLAlchemyError as exc:
+        log.warning("trainer started, its pid not recorded yet: %s", exc, extra={"job": job_id})
+    return process
+
+
+def record_started(
+    store: Store, job_id: int, config: RetrainConfig, process: subprocess.Popen[bytes]
+) -> None:
+    """The child's pid on the job (what a later daemon adopts it by), and the event."""
     with store.session() as session:
         row = session.get(TrainingJob, job_id)
         assert row is not None
@@ -248,11 +262,9 @@ def spawn(
         "retrain.started",
         f"trainer started (pid {process.pid})",
         f"job-{job_id}",
-        command=command,
-        directory=str(directory),
+        command=list(map(str, process.args)),
+        directory=str(job_dir(config, job_id)),
     )
-    metrics.TRAINING_RUNNING.set(1)
-    return process
 
 
 def start_claimed(
@@ -290,30 +302,12 @@ def settle(store: Store, job_id: int, config: RetrainConfig, returncode: int | N
 
 
 def _register(store: Store, job_id: int, config: RetrainConfig, result: dict[str, Any]) -> None:
+    """The job's adapter registered (once: a settle the database interrupted after it is done
+    again, and finds it) and the job succeeded."""
     job = get_job(store, job_id)
     assert job is not None
-    family = family_of(job.parent_adapter) if job.parent_adapter else config.family
-    lineage_file = job_dir(config, job_id) / "data" / "lineage.json"
-    lineage = json.loads(lineage_file.read_text())
-    after, before = result.get("after") or {}, result.get("before") or {}
-    figures = {
-        "exact_match": after.get("exact_match"),
-        "chrf": after.get("chrf"),
-        "rouge_l": after.get("rouge_l"),
-        f"{before.get('model', 'before')}_exact_match": before.get("exact_match"),
-        f"{before.get('model', 'before')}_chrf": before.get("chrf"),
-        "val_loss": result.get("best_val_loss"),
-    }
-    version = register(
-        store,
-        family,
-        Path(result["adapter_dir"]),
-        parent=job.parent_adapter,
-        job_id=job_id,
-        hyperparameters=result["config"],
-        metrics={k: v for k, v in figures.items() if isinstance(v, int | float)},
-        data={**job.progress, **lineage, "lineage_file": str(lineage_file)},
-        reason=f"trained by job {job_id}: {job.reason}",
+    version = next((v for v in versions(store) if v.job_id == job_id), None) or _register_new(
+        store, job, config, result
     )
     summary = {k: result.get(k) for k in ("train_examples", "steps", "train_seconds")}
     reason = f"adapter {version.name} registered as a candidate"
@@ -337,6 +331,35 @@ def _register(store: Store, job_id: int, config: RetrainConfig, result: dict[str
     )
     metrics.TRAINING_JOBS.labels("succeeded").inc()
     log.info(reason, extra={"job": job_id, "adapter": version.name})
+
+
+def _register_new(
+    store: Store, job: JobView, config: RetrainConfig, result: dict[str, Any]
+) -> AdapterVersion:
+    job_id = job.id
+    family = family_of(job.parent_adapter) if job.parent_adapter else config.family
+    lineage_file = job_dir(config, job_id) / "data" / "lineage.json"
+    lineage = json.loads(lineage_file.read_text())
+    after, before = result.get("after") or {}, result.get("before") or {}
+    figures = {
+        "exact_match": after.get("exact_match"),
+        "chrf": after.get("chrf"),
+        "rouge_l": after.get("rouge_l"),
+        f"{before.get('model', 'before')}_exact_match": before.get("exact_match"),
+        f"{before.get('model', 'before')}_chrf": before.get("chrf"),
+        "val_loss": result.get("best_val_loss"),
+    }
+    return register(
+        store,
+        family,
+        Path(result["adapter_dir"]),
+        parent=job.parent_adapter,
+        job_id=job_id,
+        hyperparameters=result["config"],
+        metrics={k: v for k, v in figures.items() if isinstance(v, int | float)},
+        data={**job.progress, **lineage, "lineage_file": str(lineage_file)},
+        reason=f"trained by job {job_id}: {job.reason}",
+    )
 
 
 def _alive(pid: int, job_id: int) -> bool:
@@ -376,10 +399,12 @@ class TrainingRunner:
         if child is not None:
             returncode = child.poll()
             if returncode is None:
+                if job.pid != child.pid:  # the database failed as it started
+                    record_started(self.store, job.id, self.config, child)
                 self._publish(job)
                 return
-            del self._children[job.id]
             settle(self.store, job.id, self.config, returncode)
+            del self._children[job.id]  # settled: a settle the database failed is tried again
             return
         if job.pid is not None and _alive(job.pid, job.id):
             self._publish(job)  # adopted: started by a daemon that has since died

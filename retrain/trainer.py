@@ -11,16 +11,16 @@ result JSON at the end, which the parent reads. The same entry point runs under 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import time
+import threading
 import traceback
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from retrain.training.hpo import tune
 from retrain.training.lora import is_rank_zero, train
@@ -53,23 +53,71 @@ def load_job(store: Store, job_id: int) -> TrainingSpec:
             raise TrainingError(f"training job {job_id}: invalid spec: {exc}") from None
 
 
-def store_progress(store: Store, job_id: int, every_s: float = 1.0) -> ProgressCallback:
-    """Progress into the job's row: at most once a second, and at every validation and the end."""
-    last = -math.inf
+class StoreProgress:
+    """Progress into the job's row, from a thread of its own: the training never waits on the
+    database, and a database that is down or locked costs the row its updates, never the run.
 
-    def write(update: TrainingProgress) -> None:
-        nonlocal last
-        final = update.val_loss is not None or update.step >= update.total_steps
-        if not final and time.monotonic() - last < every_s:
-            return
-        last = time.monotonic()
-        with store.session() as session:
-            row = session.get(TrainingJob, job_id)
+    It writes the newest update at most every `every_s`; a write that fails is tried again
+    with the newest one `retry_s` later. What the row misses the progress file beside the
+    output has, and the result file is what the daemon settles the job from.
+    """
+
+    def __init__(
+        self, store: Store, job_id: int, *, every_s: float = 1.0, retry_s: float = 5.0
+    ) -> None:
+        self.store, self.job_id = store, job_id
+        self.every_s, self.retry_s = every_s, retry_s
+        self._newest: TrainingProgress | None = None
+        self._lock = threading.Lock()
+        self._wake, self._closing = threading.Event(), threading.Event()
+        self._failing = False
+        self._writer = threading.Thread(target=self._write_each, name="progress", daemon=True)
+        self._writer.start()
+
+    def __call__(self, update: TrainingProgress) -> None:
+        with self._lock:
+            self._newest = update
+        self._wake.set()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """The last update written if the database answers within `timeout_s`."""
+        self._closing.set()
+        self._wake.set()
+        self._writer.join(timeout_s)
+
+    def _write_each(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                update, self._newest = self._newest, None
+                self._wake.clear()
+            if update is None:
+                if self._closing.is_set():
+                    return
+                continue
+            try:
+                self._write(update)
+            except SQLAlchemyError as exc:
+                with self._lock:
+                    self._newest = self._newest or update
+                    self._wake.set()
+                if not self._failing:
+                    print(f"retrain.trainer: progress not stored, retrying: {exc}", file=sys.stderr)
+                self._failing = True
+                if self._closing.wait(self.retry_s):
+                    return  # closing: the result file has the outcome
+                continue
+            if self._failing:
+                print("retrain.trainer: progress stored again", file=sys.stderr)
+            self._failing = False
+            self._closing.wait(self.every_s)
+
+    def _write(self, update: TrainingProgress) -> None:
+        with self.store.session() as session:
+            row = session.get(TrainingJob, self.job_id)
             if row is not None:
                 line = {"time": datetime.now(UTC).isoformat(), **asdict(update)}
                 row.progress = {**(row.progress or {}), "phase": "training", **line}
-
-    return write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.job is not None and not args.database_url:
         parser.error("--job needs --database-url or TUNEWATCH_DATABASE_URL")
     output_dir: Path | None = None
+    stored: StoreProgress | None = None
     try:
         if args.job is None:
             spec, reporters = load_spec(args.spec), []
         else:
             store = Store(args.database_url)
             spec = load_job(store, args.job)
-            reporters = [store_progress(store, args.job)]
+            stored = StoreProgress(store, args.job)
+            reporters = [stored]
         output_dir = spec.output_dir
         if is_rank_zero():
             reporters.append(append_progress(progress_path(output_dir)))
@@ -111,12 +161,16 @@ def main(argv: list[str] | None = None) -> int:
             write_json(result_path(output_dir), failure)
         print(f"retrain.trainer: {reason}", file=sys.stderr)
         return 1
-    if result is not None:
-        hpo = {"hpo": asdict(search)} if search else {}
-        write_json(
-            result_path(result.adapter_dir), {"status": "succeeded", **asdict(result), **hpo}
-        )
-    return 0
+    else:
+        if result is not None:
+            hpo = {"hpo": asdict(search)} if search else {}
+            write_json(
+                result_path(result.adapter_dir), {"status": "succeeded", **asdict(result), **hpo}
+            )
+        return 0
+    finally:  # after the result file: what the daemon settles from never waits on the database
+        if stored is not None:
+            stored.close()
 
 
 def _each(reporters: list[ProgressCallback]) -> ProgressCallback:

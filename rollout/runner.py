@@ -23,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from monitor.quality import answer_score
 from monitor.window import AnswerMetric
@@ -236,15 +237,18 @@ class RolloutRunner:
         transition = decide_rollout(rollout.config, rollout.state, observation)
         transition = replace(transition, figures={**transition.figures, **gathered.figures})
         metrics.publish_look(rollout.row.candidate, judgement, gathered.figures)
+        read = rollout.row.version
         if transition.action == "none":
-            self._note(rollout_id, transition)
-        else:
-            self.apply(rollout_id, transition, by="auto")
+            self._note(rollout_id, transition, read)
+        elif not self.apply(rollout_id, transition, by="auto", read_version=read):
+            return replace(transition, state=rollout.state, action="none")
         return transition
 
-    def _note(self, rollout_id: int, transition: Transition) -> None:
+    def _note(self, rollout_id: int, transition: Transition, read_version: int) -> None:
         """A look that moved nothing: kept on the row (what `status` shows), not an event."""
         with self.store.session() as session:
+            if not _still(session, rollout_id, read_version, transition):
+                return
             row = session.get(Rollout, rollout_id)
             assert row is not None
             row.state = {
@@ -253,10 +257,13 @@ class RolloutRunner:
                 "waiting": transition.reason,
             }
 
-    def apply(self, rollout_id: int, transition: Transition, *, by: str) -> None:
-        """The transition in one transaction: rollout row, routing, statuses, unloads, event."""
+    def apply(self, rollout_id: int, transition: Transition, *, by: str, read_version: int) -> bool:
+        """The transition in one transaction: rollout row, routing, statuses, unloads, event;
+        False (and dropped) when the rollout is no longer at `read_version`, the one decided on."""
         now = datetime.now(UTC)
         with self.store.session() as session:
+            if not _still(session, rollout_id, read_version, transition):
+                return False
             rollout = load(session, rollout_id)
             assert rollout is not None
             row, config, before = rollout.row, rollout.config, rollout.state
@@ -299,6 +306,7 @@ class RolloutRunner:
             transition.reason,
             extra={"rollout": rollout_id},
         )
+        return True
 
     def _statuses(
         self,
@@ -379,8 +387,37 @@ class RolloutRunner:
             raise RolloutRefusal(f"no rollout is in progress: nothing to {request.command}")
         name = request.command
         transition = command(active.config, active.state, name, datetime.now(UTC))  # type: ignore[arg-type]
-        self.apply(active.row.id, transition, by=request.by)
+        read = active.row.version
+        if not self.apply(active.row.id, transition, by=request.by, read_version=read):
+            raise RolloutRefusal("the rollout moved while this was carried out: ask again")
         return active.row.id, transition.reason
+
+
+def _still(session: Session, rollout_id: int, read_version: int, transition: Transition) -> bool:
+    """Take the rollout's next version if it is still the one read (an UPDATE ... WHERE
+    version = read, so it holds the row until the transaction ends); if not, a newer state
+    was written since (a stale leader's look, or another controller's): logged, recorded."""
+    taken = session.execute(
+        update(Rollout)
+        .where(Rollout.id == rollout_id, Rollout.version == read_version)
+        .values(version=read_version + 1)
+    )
+    if taken.rowcount == 1:
+        return True
+    reason = (
+        f"dropped: decided on version {read_version}, which a newer state has replaced "
+        f"({transition.reason})"
+    )
+    log.warning("stale rollout transition %s", reason, extra={"rollout": rollout_id})
+    session.add(
+        Event(
+            kind="rollout.stale",
+            subject=f"rollout-{rollout_id}",
+            reason=reason,
+            data={"read_version": read_version, "action": transition.action},
+        )
+    )
+    return False
 
 
 def _past(action: str) -> str:

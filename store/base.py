@@ -16,9 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, TypeDecorator, create_engine, event
+from sqlalchemy import JSON, DateTime, Float, TypeDecorator, create_engine, event, literal
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 
 def utcnow() -> datetime:
@@ -54,6 +57,32 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DatabaseNow(FunctionElement[datetime]):
+    """The database's clock, `offset_s` seconds ahead, as SQL: what a lease's expiry is
+    judged by, so that daemons on hosts whose clocks disagree agree on who holds it."""
+
+    type = UTCDateTime()
+    name = "database_now"
+    inherit_cache = True
+
+    def __init__(self, offset_s: float = 0.0) -> None:
+        super().__init__(literal(float(offset_s), Float()))
+
+
+@compiles(DatabaseNow, "sqlite")
+def _sqlite_now(element: DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:
+    # The text SQLAlchemy writes a DateTime as on SQLite (microseconds; `%f` gives
+    # milliseconds), so that the column's text order stays its instant order.
+    offset = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', ({offset}) || ' seconds')"
+
+
+@compiles(DatabaseNow, "postgresql")
+def _postgresql_now(element: DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = compiler.process(element.clauses, **kw)
+    return f"(CURRENT_TIMESTAMP + make_interval(secs => CAST({offset} AS double precision)))"
 
 
 class Base(DeclarativeBase):

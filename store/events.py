@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Integer, String, Text, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from store.base import Base, StoreBase, json_safe, utcnow
+from store.base import Base, DatabaseNow, StoreBase, json_safe, utcnow
 
 
 class Event(Base):
@@ -63,13 +63,18 @@ class EventRecords(StoreBase):
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take or renew the lease; True while `holder` has it. Atomic on both databases:
-        one conditional UPDATE (free, expired or ours) or one INSERT that only one can win."""
-        now = utcnow()
-        expires = now + timedelta(seconds=ttl_s)
+        one conditional UPDATE (free, expired or ours) or one INSERT that only one can win.
+        Expiry is written and judged by the database's clock, never the caller's: a holder
+        whose clock runs behind would otherwise write a lease already expired, one ahead
+        take a lease still held."""
+        expires = DatabaseNow(ttl_s)
         with self.engine.begin() as connection:
             taken = connection.execute(
                 update(Lease)
-                .where(Lease.name == name, or_(Lease.holder == holder, Lease.expires_at < now))
+                .where(
+                    Lease.name == name,
+                    or_(Lease.holder == holder, Lease.expires_at < DatabaseNow()),
+                )
                 .values(holder=holder, expires_at=expires)
             )
             if taken.rowcount == 1:

@@ -29,6 +29,9 @@ class Rollout(Base):
     reason: Mapped[str] = mapped_column(Text)  # of the latest transition
     state: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what decide_rollout() remembers
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the settings it runs under
+    # One more at each write by the controller, which writes only where it is still the one
+    # it read: a stale leader's transition is dropped, never written over a newer state.
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RolloutCommand(Base):

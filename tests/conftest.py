@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -70,13 +72,38 @@ def _admin_connection(port: int) -> psycopg.Connection:
     )
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A SQLAlchemy URL to an empty database on a private PostgreSQL cluster for this session."""
+@dataclass(frozen=True)
+class PostgresCluster:
+    """A private cluster: its URL, and pg_ctl to stop and start it again (fault tests)."""
+
+    url: str
+    pg_ctl: list[str]
+    log: Path
+    options: str
+
+    def stop(self) -> None:
+        _run([*self.pg_ctl, "-m", "fast", "-w", "-t", "30", "stop"], timeout=60)
+
+    def start(self) -> None:
+        try:
+            _run(
+                [*self.pg_ctl, "-l", str(self.log), "-o", self.options, "-w",
+                 "-t", str(PG_START_TIMEOUT_S), "start"],
+                timeout=PG_START_TIMEOUT_S + 30,
+            )  # fmt: skip
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            server_log = self.log.read_text() if self.log.exists() else "(no server log)"
+            pytest.fail(f"PostgreSQL did not start: {exc}\n--- server log ---\n{server_log}")
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway cluster on a free local port with an empty `tunewatch` database, deleted
+    afterwards."""
     bin_dir = _pg_bin_dir()
     prefix, uid, gid = _as_cluster_owner()
     root = Path(tempfile.mkdtemp(prefix="tunewatch-pg-"))
-    data, log = root / "data", root / "server.log"
+    data = root / "data"
     if uid is not None:
         os.chown(root, uid, gid)
     port = free_port()
@@ -85,7 +112,12 @@ def postgres_url() -> Iterator[str]:
         # A throwaway cluster: durability buys nothing here and costs seconds.
         "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
     ])  # fmt: skip
-    pg_ctl = [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data)]
+    cluster = PostgresCluster(
+        f"postgresql+psycopg://{PG_SUPERUSER}@127.0.0.1:{port}/tunewatch",
+        [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data)],
+        root / "server.log",
+        server_options,
+    )
     started = False
     try:
         _run(
@@ -94,26 +126,25 @@ def postgres_url() -> Iterator[str]:
              "--no-instructions"],
             timeout=120,
         )  # fmt: skip
-        try:
-            _run(
-                [*pg_ctl, "-l", str(log), "-o", server_options, "-w",
-                 "-t", str(PG_START_TIMEOUT_S), "start"],
-                timeout=PG_START_TIMEOUT_S + 30,
-            )  # fmt: skip
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            server_log = log.read_text() if log.exists() else "(no server log)"
-            pytest.fail(f"PostgreSQL did not start: {exc}\n--- server log ---\n{server_log}")
+        cluster.start()
         started = True
         with _admin_connection(port) as admin:
             admin.execute("CREATE DATABASE tunewatch")
-        yield f"postgresql+psycopg://{PG_SUPERUSER}@127.0.0.1:{port}/tunewatch"
+        yield cluster
     finally:
         if started:
             subprocess.run(
-                [*pg_ctl, "-m", "immediate", "-w", "-t", "30", "stop"],
+                [*cluster.pg_ctl, "-m", "immediate", "-w", "-t", "30", "stop"],
                 capture_output=True, timeout=60,
             )  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A SQLAlchemy URL to an empty database on a private PostgreSQL cluster for this session."""
+    with postgres_cluster() as cluster:
+        yield cluster.url
 
 
 @pytest.fixture(

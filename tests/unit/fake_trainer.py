@@ -4,7 +4,7 @@ Launched as `python fake_trainer.py -m retrain.trainer --job ID` (the runner's l
 `python fake_trainer.py`), it reads the job's spec from the store as the real trainer does,
 without importing torch (seconds per child), and behaves as FAKE_TRAINER says: `succeed`
 writes a PEFT-shaped adapter and a result, `fail` a failure result with a reason, `crash`
-exits 3 with no result, `slow` sleeps a second before succeeding.
+exits 3 with no result, `slow` sleeps a second (or $FAKE_TRAINER_SLEEP_S) before succeeding.
 """
 
 import json
@@ -27,11 +27,12 @@ def main() -> int:
     with Store(os.environ["TUNEWATCH_DATABASE_URL"]).session() as session:
         spec = session.get(TrainingJob, job_id).spec
     out = Path(spec["output_dir"])
+    print("fake trainer: spec read", flush=True)  # from here on it needs no database
     mode = os.environ.get("FAKE_TRAINER", "succeed")
     if mode == "crash":
         return 3
     if mode == "slow":
-        time.sleep(1.0)
+        time.sleep(float(os.environ.get("FAKE_TRAINER_SLEEP_S", "1")))
     if mode == "fail":
         write_result(out, {"status": "failed", "reason": "loss is nan"})
         return 1

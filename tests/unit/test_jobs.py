@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from registry.versions import versions
+from retrain import jobs
 from retrain.jobs import (
     RetrainConfig,
     TrainingRunner,
@@ -163,6 +166,67 @@ def test_a_restarted_daemon_adopts_the_running_trainer_and_settles_it(
     assert get_job(store, job_id).status == "running"  # its child still trains: adopted
     run_until_settled(successor, store, job_id)
     assert get_job(store, job_id).status == "succeeded"
+
+
+def lost_connection(statement: str) -> OperationalError:
+    return OperationalError(statement, {}, ConnectionRefusedError("connection refused"))
+
+
+def test_a_database_that_fails_as_the_trainer_starts_neither_stops_it_nor_fails_the_job(
+    store: Store, config: RetrainConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database goes down the moment the child is started (its pid not yet recorded) and
+    stays down while it trains: the daemon keeps the child, and settles it once it is back."""
+    monkeypatch.setenv("FAKE_TRAINER", "slow")
+    job_id = queue_job(store, "drift", None)
+    session, popen, down = store.session, subprocess.Popen, False
+
+    def failing_session():
+        if down:
+            raise lost_connection("SELECT training_jobs")
+        return session()
+
+    def popen_then_outage(*args, **kwargs):
+        nonlocal down
+        child = popen(*args, **kwargs)
+        down = True
+        return child
+
+    monkeypatch.setattr(store, "session", failing_session)
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen_then_outage)
+    runner = TrainingRunner(store, config)
+    asyncio.run(runner.tick())  # claims, prepares, starts: then the database is gone
+    for _ in range(3):
+        with pytest.raises(OperationalError):
+            asyncio.run(runner.tick())
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen)
+    down = False
+    run_until_settled(runner, store, job_id)
+    assert get_job(store, job_id).status == "succeeded"
+    [started] = store.events(kind="retrain.started")
+    assert "pid" in started.reason
+
+
+def test_a_settle_the_database_interrupts_registers_the_adapter_once(
+    store: Store, config: RetrainConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered, then the database fails before the job is marked succeeded: settling again
+    finds the adapter and does not register a second one."""
+    job_id = queue_job(store, "drift", None)
+    transition, failures = jobs._transition, [lost_connection("UPDATE training_jobs")]
+
+    def failing_once(store, job_id, before, after, **values):
+        if after == "succeeded" and failures:
+            raise failures.pop()
+        return transition(store, job_id, before, after, **values)
+
+    monkeypatch.setattr(jobs, "_transition", failing_once)
+    runner = TrainingRunner(store, config)
+    with pytest.raises(OperationalError):
+        run_until_settled(runner, store, job_id)
+    run_until_settled(runner, store, job_id)
+    assert get_job(store, job_id).status == "succeeded"
+    assert [v.job_id for v in versions(store)] == [job_id]
 
 
 def test_a_queued_job_waits_out_the_start_delay(store: Store, config: RetrainConfig) -> None:

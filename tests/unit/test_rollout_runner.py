@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 import retrain.metrics  # noqa: F401  (declares the trigger's and the training jobs' counters)
 from registry.versions import register, set_status, versions
 from rollout import control
+from rollout import runner as runner_module
 from rollout.guards.types import GuardConfig
 from rollout.machine import RolloutConfig, RolloutRefusal
 from rollout.runner import RolloutRunner, RunnerConfig
@@ -246,6 +247,36 @@ def test_a_restarted_controller_resumes_the_rollout_where_it_stood(
     after = control.active_rollout(store)
     assert (after.id, after.stage, after.weight) == (before.id, "canary", 0.25)
     assert store.routing_table() == routing
+
+
+def test_a_stale_leaders_transition_is_dropped_not_written_over_a_newer_state(
+    store: Store, engine: FakeEngine, candidate: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The old leader decides to advance on what it read; meanwhile the new one has rolled the
+    rollout back (a person asked). The old leader's advance must not bring it back to life."""
+    stale = RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), FAST)
+    leader = RolloutRunner(store, EngineClient(ENGINE_URL, transport=engine.transport()), FAST)
+    tick(stale)
+    rollout_id = control.active_rollout(store).id
+    traffic(store, candidate, "shadow", 25)
+    decide = runner_module.decide_rollout
+
+    def decided_meanwhile(*args: object):
+        transition = decide(*args)
+        control.request(store, "rollback", by="cli")
+        tick(leader)  # the new leader carries it out while the old one still holds its look
+        return transition
+
+    monkeypatch.setattr(runner_module, "decide_rollout", decided_meanwhile)
+    assert stale.look(rollout_id).action == "none"
+    monkeypatch.undo()
+    rollout = control.get_rollout(store, rollout_id)
+    assert rollout.stage == "rolled_back"
+    assert store.routing_table() == RoutingTable()  # the baseline (the base model) alone
+    assert status_of(store, candidate) == "failed"
+    [dropped] = store.events(kind="rollout.stale")
+    assert "-> canary step 1 of 4" in dropped.reason and dropped.data["action"] == "advance"
+    assert not store.events(kind="rollout.advanced")
 
 
 def test_a_look_that_fails_midway_reads_the_evidence_whole_at_the_next(

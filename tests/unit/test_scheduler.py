@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from controller.scheduler import LEASE, PeriodicJob, Scheduler
-from store import Store
+from store import Store, events
 
 
 @pytest.fixture
@@ -155,6 +158,116 @@ def test_the_lease_is_held_renewed_refused_and_taken_once_expired(store_url: str
     store.release_lease(LEASE, "b")
     assert store.acquire_lease(LEASE, "a", ttl_s=30)
     store.close()
+
+
+@pytest.mark.parametrize("skew", [timedelta(hours=-1), timedelta(hours=1)])
+def test_the_leases_expiry_is_the_databases_clock_not_the_callers(
+    store_url: str, monkeypatch: pytest.MonkeyPatch, skew: timedelta
+) -> None:
+    """A holder whose clock runs an hour behind must not write a lease already expired; one
+    whose clock runs an hour ahead must not take a lease still held."""
+    store = Store(store_url)
+    skewed = lambda: datetime.now(UTC) + skew  # noqa: E731
+    with monkeypatch.context() as clock:
+        clock.setattr(events, "utcnow", skewed)
+        if skew < timedelta(0):
+            assert store.acquire_lease(LEASE, "behind", ttl_s=60)
+    if skew < timedelta(0):
+        assert not store.acquire_lease(LEASE, "on-time", ttl_s=60)
+    else:
+        assert store.acquire_lease(LEASE, "on-time", ttl_s=60)
+        with monkeypatch.context() as clock:
+            clock.setattr(events, "utcnow", skewed)
+            assert not store.acquire_lease(LEASE, "ahead", ttl_s=60)
+    with store.engine.connect() as connection:
+        expires = connection.scalar(text("SELECT expires_at FROM leases"))
+    if isinstance(expires, str):  # SQLite's text
+        expires = datetime.fromisoformat(expires).replace(tzinfo=UTC)
+    assert abs(expires - (datetime.now(UTC) + timedelta(seconds=60))) < timedelta(seconds=10)
+    store.close()
+
+
+LOCKED = "OperationalError: database is locked"
+
+
+def locked(statement: str) -> OperationalError:
+    return OperationalError(statement, {}, sqlite3.OperationalError("database is locked"))
+
+
+async def test_a_failing_lease_call_means_not_leading_and_the_loop_leads_again_after(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tick = Counter()
+    scheduler = Scheduler(store, [PeriodicJob("tick", tick, 0.1)], holder="a", lease_ttl_s=0.6)
+    acquire, down = store.acquire_lease, False
+
+    def flaky(*args: object) -> bool:
+        if down:
+            raise locked("UPDATE leases")
+        return acquire(*args)
+
+    monkeypatch.setattr(store, "acquire_lease", flaky)
+    async with running(scheduler) as task:
+        await until(lambda: scheduler.leading and len(tick.runs) >= 2)
+        down = True
+        await until(lambda: not scheduler.leading)
+        stopped = len(tick.runs)
+        await asyncio.sleep(1.0)  # several failed renewals
+        assert not task.done()
+        assert len(tick.runs) <= stopped + 1  # at most the run that was due as it stopped
+        down = False
+        await until(lambda: scheduler.leading and len(tick.runs) >= stopped + 3)
+    kinds = [(e.kind, e.reason) for e in reversed(store.events(kind_prefix="scheduler."))]
+    assert kinds == [
+        ("scheduler.leading", "took the scheduler lease"),
+        (
+            "scheduler.standby",
+            "the lease could not be renewed: OperationalError: database is locked",
+        ),
+        ("scheduler.leading", "took the scheduler lease"),
+    ]
+
+
+async def test_a_lease_call_that_does_not_answer_stops_the_jobs_before_the_lease_expires(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = Scheduler(store, [PeriodicJob("tick", Counter(), 60)], holder="a", lease_ttl_s=1.5)
+    acquire, hanging = store.acquire_lease, False
+
+    def slow(*args: object) -> bool:
+        while hanging:
+            time.sleep(0.05)
+        return acquire(*args)
+
+    monkeypatch.setattr(store, "acquire_lease", slow)
+    async with running(scheduler):
+        await until(lambda: scheduler.leading)
+        renewed = time.monotonic()  # at the latest: the lease runs until then + 1.5 s
+        hanging = True
+        try:
+            await until(lambda: not scheduler.leading, timeout_s=1.5)
+            assert time.monotonic() - renewed < 1.5
+        finally:
+            hanging = False
+        await until(lambda: scheduler.leading)
+
+
+async def test_a_job_store_that_fails_writing_a_next_run_time_does_not_stop_the_jobs(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tick, failures = Counter(), [locked("UPDATE apscheduler_jobs")]
+    update_job = SQLAlchemyJobStore.update_job
+
+    def flaky(self: SQLAlchemyJobStore, job: object) -> None:
+        if failures:
+            raise failures.pop()
+        update_job(self, job)
+
+    monkeypatch.setattr(SQLAlchemyJobStore, "update_job", flaky)
+    scheduler = Scheduler(store, [PeriodicJob("tick", tick, 0.1)], lease_ttl_s=0.6)
+    async with running(scheduler):
+        await until(lambda: len(tick.runs) >= 3)
+    assert not failures
 
 
 def test_two_jobs_may_not_share_a_name(store: Store) -> None:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from retrain.trainer import main
+from retrain.jobs import get_job, queue_job
+from retrain.trainer import StoreProgress, main
 from retrain.training.lora import (
     AbortOnNonFiniteLoss,
     ReportProgress,
@@ -31,6 +34,7 @@ from retrain.training.spec import (
     result_path,
     save_spec,
 )
+from store import Store
 
 
 def spec_json(tmp_path: Path, **overrides) -> Path:
@@ -175,3 +179,35 @@ def test_the_cli_records_why_a_run_failed_next_to_the_output(tmp_path: Path, cap
     assert failure["status"] == "failed"
     assert failure["reason"].startswith("TrainingError: output directory ")
     assert "Traceback" in failure["traceback"]
+
+
+def test_a_locked_database_costs_the_job_row_its_progress_never_the_training(
+    tmp_path: Path, capsys
+):
+    """Another connection holds SQLite's write lock past its busy timeout (5 s): reporting
+    never waits on it nor raises, and the newest update reaches the row once it is free."""
+    database = tmp_path / "jobs.db"
+    store = Store(f"sqlite:///{database}")
+    job_id = queue_job(store, "a test", None, status="running")
+    progress = StoreProgress(store, job_id, every_s=0.05, retry_s=0.2)
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        for step in range(1, 6):
+            progress(TrainingProgress(step / 10, step, 10, 1.0, None))
+            time.sleep(0.01)
+        assert time.monotonic() - started < 0.5  # the training went on
+        time.sleep(6.0)  # the writer's attempt outlasts the busy timeout and fails
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    deadline = time.monotonic() + 10
+    while (get_job(store, job_id).progress or {}).get("step") != 5:
+        assert time.monotonic() < deadline, "the newest update never reached the row"
+        time.sleep(0.05)
+    progress(TrainingProgress(1.0, 10, 10, 0.5, 0.4))
+    progress.close()
+    assert get_job(store, job_id).progress["val_loss"] == 0.4
+    assert "database is locked" in capsys.readouterr().err  # said once in the trainer's log
+    store.close()
