@@ -20,6 +20,7 @@ from serving.protocol import (
     FeedbackResponse,
     InferenceRequest,
     OpenAIError,
+    json_body,
 )
 
 
@@ -68,13 +69,13 @@ def inference_router(gateway: Gateway, auth: Auth) -> APIRouter:
             return await call
         return await unless_client_leaves(request, call)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         api_key_id = auth.api_key(request)  # before the body is read
         body = parse(ChatCompletionRequest, await read_json(request, limit))
         return await answer(request, "chat.completions", body, api_key_id)
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         api_key_id = auth.api_key(request)
         body = parse(CompletionRequest, await read_json(request, limit))
@@ -89,7 +90,7 @@ def inference_router(gateway: Gateway, auth: Auth) -> APIRouter:
             "data": [{"id": n, "object": "model", "owned_by": "tunewatch"} for n in names],
         }
 
-    @router.post("/feedback")
+    @router.post("/feedback", openapi_extra=json_body(FeedbackRequest))
     async def feedback(request: Request) -> FeedbackResponse:
         caller = auth.feedback(request)
         body = parse(FeedbackRequest, await read_json(request, limit))
