@@ -251,31 +251,31 @@ def inject(stack: Stack, fault: Fault, tally: Tally, began: float) -> dict[str, 
         engine = stack.engine()
         if engine is None:
             return {"fault": "engine", "at_s": round(now()), "note": "no engine to kill"}
-        at = now()
+        at, killed = now(), time.monotonic()
         os.killpg(engine.pid, signal.SIGKILL)
-        time.sleep(3)  # the gateway sees it gone at its next health check
+        gone_s = wait_for(lambda: not stack.ready(), 60, 0.2)  # the gateway's health check
         answered_before = tally.last_answer_at
-        ready_s = wait_for(stack.ready, 600, 1.0)
-        answering_s = wait_for(lambda: tally.last_answer_at > answered_before, 120, 0.5)
+        wait_for(stack.ready, 600, 1.0)
+        ready_s = time.monotonic() - killed
+        wait_for(lambda: tally.last_answer_at > answered_before, 120, 0.5)
         return {
             "fault": "engine SIGKILL", "at_s": round(at),
-            "ready_again_s": None if ready_s is None else round(3 + ready_s, 1),
-            "answering_again_s": None if answering_s is None or ready_s is None
-            else round(3 + ready_s + answering_s, 1),
+            "not_ready_after_s": None if gone_s is None else round(gone_s, 1),
+            "ready_again_s": round(ready_s, 1),
+            "answering_again_s": round(max(0.0, tally.last_answer_at - killed), 1),
         }  # fmt: skip
     if fault.kind == "db":
-        at = now()
+        at, spilled_before = now(), spilled(stack)
         locker = sqlite3.connect(stack.database, timeout=60, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
         time.sleep(fault.hold_s)
         locker.execute("ROLLBACK")
         locker.close()
-        metrics = stack.gateway_metrics()
-        spilled = sum(v for k, v in metrics.items() if k.startswith("tunewatch_recorder_spilled"))
+        spilled_while_locked = spilled(stack) - spilled_before
         drained_s = wait_for(lambda: not stack.spill_file.exists(), 300, 0.5)
         return {
             "fault": f"database locked {fault.hold_s:g} s", "at_s": round(at),
-            "spilled_while_locked": int(spilled),
+            "spilled_while_locked": int(spilled_while_locked),
             "spill_replayed_s_after_unlock": None if drained_s is None else round(drained_s, 1),
         }  # fmt: skip
     monitor = stack.monitor()
@@ -294,6 +294,11 @@ def inject(stack: Stack, fault: Fault, tally: Tally, began: float) -> dict[str, 
         "new_monitor_up_s": None if new_up_s is None else round(new_up_s, 1),
         "lease_taken_again_s": None if lease_s is None else round(lease_s, 1),
     }  # fmt: skip
+
+
+def spilled(stack: Stack) -> float:
+    metrics = stack.gateway_metrics()
+    return sum(v for k, v in metrics.items() if k.startswith("tunewatch_recorder_spilled_total"))
 
 
 def rollout_stage(stack: Stack) -> str | None:
@@ -447,7 +452,8 @@ def memory_figures(memory: Memory) -> dict[str, object]:
             round(last[2]) if last[2] else None,
             round(max(monitors)) if monitors else None,
         ],
-        "samples": len(memory.samples),
+        "gateway_every_10_s": [round(g) for _, g, _ in memory.samples],
+        "monitor_every_10_s": [round(m) if m else None for _, _, m in memory.samples],
     }
 
 
