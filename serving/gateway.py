@@ -256,12 +256,21 @@ class Gateway:
     def _upstream_error(
         self, call: ExchangeDraft, upstream: httpx.Response, headers: dict[str, str]
     ) -> JSONResponse:
-        """vLLM's own 4xx/5xx, passed on in OpenAI's shape and recorded as failed."""
+        """vLLM's own 4xx/5xx, passed on in OpenAI's shape and recorded as failed; but a 404 is
+        the engine not serving what the gateway routed to (a model or adapter the gateway checked
+        is registered): a restarted engine, before the reconcile loop has loaded it again, so the
+        503 a client retries after."""
         try:
             body = upstream.json()
             message = body.get("error", {}).get("message") or body.get("message") or upstream.text
         except (json.JSONDecodeError, AttributeError):
             message = upstream.text
+        if upstream.status_code == 404:
+            self._finish(call, 503, f"engine unavailable: it does not serve it yet: {message}")
+            unavailable = engine_unavailable(self.config.retry_after_s)
+            return JSONResponse(
+                unavailable.body(), status_code=503, headers={**headers, **unavailable.headers}
+            )
         error = OpenAIError(
             upstream.status_code,
             message,
