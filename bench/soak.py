@@ -13,6 +13,10 @@ Retry-After of a 503 before it asks again. Faults, each at its second since the 
 - `monitor@T`: the monitor (scheduler, controller, rollouts, training) SIGKILLed; the supervisor
   restarts it and the new process takes the lease.
 
+Faults are applied in order, each once the previous one has recovered: a fault due meanwhile
+comes late. What the clients have seen so far is printed every minute, so a run cut short
+still says something.
+
 `--rollout` registers a candidate adapter (B = 0: the base model's answers) at the start, so
 that the controller has a rollout in progress when the monitor is killed.
 
@@ -376,7 +380,13 @@ def run(args: argparse.Namespace, state_dir: Path) -> dict[str, object]:
 
         def sample_memory() -> None:
             while time.monotonic() < until:
-                memory.sample(stack, time.monotonic() - began)
+                at = time.monotonic() - began
+                memory.sample(stack, at)
+                if len(memory.samples) % 6 == 0:
+                    with tally.lock:
+                        seen = dict(tally.outcomes)
+                    rss = memory.samples[-1][1:]
+                    print(f"at {at:.0f} s: {seen}, RSS gateway/monitor MiB {rss}", flush=True)
                 time.sleep(10)
 
         threading.Thread(target=sample_memory, daemon=True).start()
