@@ -385,7 +385,7 @@ def run(args: argparse.Namespace, state_dir: Path) -> dict[str, object]:
                 if len(memory.samples) % 6 == 0:
                     with tally.lock:
                         seen = dict(tally.outcomes)
-                    rss = memory.samples[-1][1:]
+                    rss = [round(x) if x else None for x in memory.samples[-1][1:]]
                     print(f"at {at:.0f} s: {seen}, RSS gateway/monitor MiB {rss}", flush=True)
                 time.sleep(10)
 
