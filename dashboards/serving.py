@@ -116,6 +116,50 @@ BOARD = board(
             ],
         ),
         Row(
+            "Gateway: admission and recording",
+            [
+                timeseries_panel(
+                    "Shed",
+                    "Calls the gateway did not make for want of room, per second: primary "
+                    "requests refused with a 503 and Retry-After once gateway.max_concurrency are "
+                    "in flight (concurrency), shadow replays skipped (shadow_concurrency: their "
+                    "own limit; concurrency: they would take the last free slot). Shadows are "
+                    "shed first.",
+                    Query(
+                        f"sum by (kind, reason) ({rate('tunewatch_requests_shed_total')})",
+                        "{{kind}} {{reason}}",
+                    ),
+                    unit="reqps",
+                ),
+                timeseries_panel(
+                    "Recorder queue",
+                    "Exchanges answered and waiting to be written to the store, per gateway. It "
+                    "holds gateway.recorder_queue_max (10 000); what finds it full is spilled.",
+                    Query("sum by (instance) (tunewatch_recorder_queue_depth)", "{{instance}}"),
+                ),
+                timeseries_panel(
+                    "Spilled and replayed",
+                    "Exchanges written to the gateway's local spill file instead of the store, by "
+                    "reason (queue_full, store_unreachable, behind_spill, shutdown), and those "
+                    "replayed from it into the store, per interval. Spilled and not yet replayed: "
+                    "waiting on the gateway's disk for the database.",
+                    Query(
+                        f"sum by (reason) ({increase('tunewatch_recorder_spilled_total')})",
+                        "spilled {{reason}}",
+                    ),
+                    Query(f"sum({increase('tunewatch_recorder_replayed_total')})", "replayed"),
+                    bars=True,
+                ),
+                timeseries_panel(
+                    "Exchanges lost",
+                    "Exchanges the store refused for their own rows (written alone after their "
+                    "batch failed) and that are lost, per interval. Each is logged with its id.",
+                    Query(f"sum({increase('tunewatch_store_write_failures_total')})", "lost"),
+                    bars=True,
+                ),
+            ],
+        ),
+        Row(
             "vLLM engine: shared by every adapter",
             [
                 timeseries_panel(

@@ -27,7 +27,7 @@ class ExchangeView:
     completion_tokens: int | None
     mean_logprob: float | None
     latency_seconds: float
-    status: str  # ok | error | interrupted
+    status: str  # ok | error | cancelled | interrupted
     reference: str | None = None
     rating: float | None = None
     parent_id: str | None = None  # a shadow replay: the exchange it mirrored

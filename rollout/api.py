@@ -5,15 +5,17 @@ controller on its next tick (202 with the command to follow)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from rollout import control
 from rollout.machine import RolloutRefusal
 from rollout.protocol import CommandInfo, RolloutInfo, RolloutStartRequest
-from serving.protocol import OpenAIError
+from serving.protocol import ROW_ID_MAX, OpenAIError
 from store import Store
+
+RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX)]  # beyond: a 400, not the database's refusal
 
 
 def rollout_router(store: Store) -> APIRouter:
@@ -38,7 +40,7 @@ def rollout_router(store: Store) -> APIRouter:
         return RolloutInfo.of(view)
 
     @router.get("/{rollout_id}")
-    def one(rollout_id: int) -> RolloutInfo:
+    def one(rollout_id: RowId) -> RolloutInfo:
         view = control.get_rollout(store, rollout_id)
         if view is None:
             raise OpenAIError(404, f"No rollout {rollout_id}.", code="rollout_not_found")
@@ -53,7 +55,7 @@ def rollout_router(store: Store) -> APIRouter:
         return queue(command)
 
     @router.get("/commands/{command_id}")
-    def follow(command_id: int) -> CommandInfo:
+    def follow(command_id: RowId) -> CommandInfo:
         view = control.get_command(store, command_id)
         if view is None:
             raise OpenAIError(404, f"No rollout command {command_id}.", code="command_not_found")

@@ -12,7 +12,7 @@ from serving.adapters import AdapterInUseError, AdapterPathError, within_roots
 from serving.engine import EngineUnavailableError, InvalidAdapterError
 from serving.errors import engine_unavailable, parse, read_json
 from serving.gateway import Gateway
-from serving.protocol import AdapterInfo, AdapterLoadRequest, OpenAIError
+from serving.protocol import AdapterInfo, AdapterLoadRequest, OpenAIError, json_body
 from store.adapters import AdapterNameTakenError, RoutingTable
 
 
@@ -24,7 +24,7 @@ def admin_router(gateway: Gateway) -> APIRouter:
     async def list_adapters() -> list[AdapterInfo]:
         return gateway.adapter_infos()
 
-    @router.post("/adapters", status_code=201)
+    @router.post("/adapters", status_code=201, openapi_extra=json_body(AdapterLoadRequest))
     async def load_adapter(request: Request) -> AdapterInfo:
         body = parse(AdapterLoadRequest, await read_json(request, limit))
         if body.name in (gateway.config.served_model_name, gateway.adapters.base_adapter):
@@ -68,7 +68,7 @@ def admin_router(gateway: Gateway) -> APIRouter:
     async def get_routing() -> RoutingTable:
         return gateway.adapters.routing
 
-    @router.put("/routing")
+    @router.put("/routing", openapi_extra=json_body(RoutingTable))
     async def set_routing(request: Request) -> RoutingTable:
         table = parse(RoutingTable, await read_json(request, limit))
         try:

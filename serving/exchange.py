@@ -41,6 +41,7 @@ class ExchangeDraft:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    recorded: bool = False  # handed to the recorder (once: a stream may end in two ways)
 
     @property
     def adapter_label(self) -> str:
@@ -85,9 +86,13 @@ class ExchangeDraft:
             self.completion_tokens = usage.get("completion_tokens")
 
     def record(
-        self, http_status: int, error: str | None = None, interrupted: bool = False
+        self, http_status: int, error: str | None = None, status: Status | None = None
     ) -> dict[str, Any]:
-        status: Status = "interrupted" if interrupted else "ok" if error is None else "error"
+        """The store record. `status` is ok, or error when there is an error, unless the call was
+        cut short (cancelled by its client, interrupted by the shutdown); a cancelled one keeps
+        the text it had so far."""
+        status = status or ("ok" if error is None else "error")
+        text = storable("".join(self.text)) if status in ("ok", "cancelled") else None
         finite = [lp for lp in self.logprobs if math.isfinite(lp)]
         latency = time.perf_counter() - self.started
         return dict(
@@ -101,7 +106,7 @@ class ExchangeDraft:
             api_key_id=self.api_key_id,
             prompt=storable(self.request.prompt_text()),
             request=self.request.model_dump(mode="json", exclude_unset=True),
-            response=storable("".join(self.text)) if error is None else None,
+            response=text,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             ttft_seconds=None

@@ -3,7 +3,8 @@
 Handlers only parse, route and answer. Talking to vLLM is `EngineClient`; recording is
 `ExchangeRecorder.submit`; keeping adapters and routing in step is `AdapterSet`.
 Every error leaves in OpenAI's error shape. `shutdown` ends within `shutdown_timeout_s`,
-and records what it cut short as interrupted.
+and records what it cut short as interrupted; a call whose client hung up is recorded as
+cancelled, and its engine request closed so that vLLM stops generating for it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from serving.recorder import ExchangeRecorder
 from serving.routing import RouteChoice, choose_route
 from serving.spill import SpillFile
 from store import Store
-from store.exchanges import FeedbackLimitError, NotMadeByError, UnknownExchangeError
+from store.exchanges import FeedbackLimitError, NotMadeByError, Status, UnknownExchangeError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ ADAPTER_HEADER = "x-tunewatch-adapter"
 ROUTE_HEADER = "x-tunewatch-route"
 USER_HEADER = "x-tunewatch-user"
 INTERRUPTED = "interrupted: the gateway shut down before the engine answered"
+CLIENT_GONE = "cancelled: the client disconnected before the answer ended"
 OVERLOADED_RETRY_AFTER_S = 1  # a slot frees as soon as any answer ends
 
 
@@ -111,6 +113,7 @@ class Gateway:
         self.admission = Admission(config.max_concurrency, config.shadow_limit)
         self._shadows: set[asyncio.Task[Any]] = set()
         self._answering: set[asyncio.Task[Any]] = set()  # the tasks of requests in flight
+        self._closing: set[asyncio.Task[Any]] = set()  # engine streams being closed
         self._shutdown_at: float | None = None  # the loop time a shutdown began
 
     # routing
@@ -203,13 +206,13 @@ class Gateway:
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
 
-    def _cut_short(self) -> tuple[int, str, bool]:
-        """How a call cancelled before its answer is recorded (status, error, interrupted):
-        interrupted by the shutdown, or failed when its client left (perhaps because the
-        adapter was too slow for it, which is the adapter's to answer for)."""
+    def _cut_short(self) -> tuple[int, str, Status]:
+        """How a call cancelled before its answer ended is recorded (HTTP status, error,
+        status): interrupted by the shutdown, or cancelled when its client left (perhaps
+        because the adapter was too slow for it, which is the adapter's to answer for)."""
         if self.stopping:
-            return 503, INTERRUPTED, True
-        return 499, "client disconnected", False
+            return 503, INTERRUPTED, "interrupted"
+        return 499, CLIENT_GONE, "cancelled"
 
     def _for_client(self, request: InferenceRequest, chunk: dict[str, Any]) -> dict[str, Any]:
         """Echo the client's model name and strip what it did not ask for."""
@@ -253,12 +256,21 @@ class Gateway:
     def _upstream_error(
         self, call: ExchangeDraft, upstream: httpx.Response, headers: dict[str, str]
     ) -> JSONResponse:
-        """vLLM's own 4xx/5xx, passed on in OpenAI's shape and recorded as failed."""
+        """vLLM's own 4xx/5xx, passed on in OpenAI's shape and recorded as failed; but a 404 is
+        the engine not serving what the gateway routed to (a model or adapter the gateway checked
+        is registered): a restarted engine, before the reconcile loop has loaded it again, so the
+        503 a client retries after."""
         try:
             body = upstream.json()
             message = body.get("error", {}).get("message") or body.get("message") or upstream.text
         except (json.JSONDecodeError, AttributeError):
             message = upstream.text
+        if upstream.status_code == 404:
+            self._finish(call, 503, f"engine unavailable: it does not serve it yet: {message}")
+            unavailable = engine_unavailable(self.config.retry_after_s)
+            return JSONResponse(
+                unavailable.body(), status_code=503, headers={**headers, **unavailable.headers}
+            )
         error = OpenAIError(
             upstream.status_code,
             message,
@@ -284,6 +296,9 @@ class Gateway:
             await upstream.aread()
             await upstream.aclose()
             return self._upstream_error(call, upstream, headers)
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(lambda _: self._abandoned(call, upstream))
         return StreamingResponse(
             self._relay(call, upstream, deadline),
             media_type="text/event-stream",
@@ -300,7 +315,9 @@ class Gateway:
         wants_usage = bool((request.stream_options or {}).get("include_usage"))
         in_flight = metrics.REQUESTS_IN_FLIGHT.labels(call.route, call.adapter_label)
         in_flight.inc()
-        status, error, interrupted = 200, None, False
+        status: int = 200
+        error: str | None = None
+        ending: Status | None = None
         lines = upstream.aiter_lines()
         try:
             while True:
@@ -344,26 +361,46 @@ class Gateway:
                 code="engine_timeout",
             )
             yield f"data: {json.dumps(failure.body())}\n\n".encode()
-        except asyncio.CancelledError:
-            status, error, interrupted = self._cut_short()
+        except (asyncio.CancelledError, GeneratorExit):  # the client is gone, or the gateway
+            status, error, ending = self._cut_short()
             raise
         finally:
             in_flight.dec()
-            self._finish(call, status, error, interrupted)  # first: a cancelled close may not end
-            await upstream.aclose()
+            self._finish(call, status, error, ending)
+            await asyncio.shield(self._close_soon(upstream))
         yield b"data: [DONE]\n\n"
+
+    def _close_soon(self, upstream: httpx.Response) -> asyncio.Future[None]:
+        """Close the engine's stream in a task of its own, which the request's cancellation (its
+        client gone) cannot cut short: the closed connection is what tells vLLM to abort the
+        request and free its slot."""
+        closing = asyncio.ensure_future(upstream.aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        return closing
+
+    def _abandoned(self, call: ExchangeDraft, upstream: httpx.Response) -> None:
+        """The request's task has ended: a relay that never began (the client gone before its
+        first event) or was left at a `yield` (gone while one was sent) has neither recorded
+        its call nor closed the engine's stream, so both are done here."""
+        if not call.recorded:
+            self._finish(call, *self._cut_short())
+            self._close_soon(upstream)
 
     def _finish(
         self,
         call: ExchangeDraft,
         http_status: int,
         error: str | None = None,
-        interrupted: bool = False,
+        status: Status | None = None,
     ) -> None:
         """Give the call's slot back, record the exchange, update the metrics, and mirror it to
-        the shadow if chosen."""
+        the shadow if chosen; once per call."""
+        if call.recorded:
+            return
+        call.recorded = True
         self.admission.leave(call.exchange_id)
-        exchange = call.record(http_status, error, interrupted)
+        exchange = call.record(http_status, error, status)
         self.recorder.submit(exchange)
         labels = (call.route, call.adapter_label)
         metrics.REQUESTS.labels(*labels, str(http_status)).inc()

@@ -3,6 +3,8 @@ API keys and the feedback keys: serving/auth.py); parse, then the gateway."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -16,7 +18,9 @@ from serving.protocol import (
     CompletionRequest,
     FeedbackRequest,
     FeedbackResponse,
+    InferenceRequest,
     OpenAIError,
+    json_body,
 )
 
 
@@ -29,21 +33,53 @@ def header_user(request: Request) -> str | None:
     return user
 
 
+async def unless_client_leaves(request: Request, answer: Coroutine[Any, Any, Response]) -> Response:
+    """The answer, or, if the client hangs up first, the call cancelled: the gateway records it
+    as cancelled, and the engine's request closes, so vLLM stops generating for it. Starlette
+    cancels a stream whose client left, never a handler waiting for a whole answer."""
+    answering = asyncio.ensure_future(answer)
+    leaving = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not answering.done():
+            answering.cancel()
+    if not answering.done():
+        await asyncio.wait({answering})  # recorded as cancelled as it unwinds
+        return Response(status_code=499)  # nobody reads it
+    return answering.result()
+
+
+async def _client_left(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def inference_router(gateway: Gateway, auth: Auth) -> APIRouter:
     router = APIRouter(prefix="/v1")
     limit = gateway.config.max_body_bytes
 
-    @router.post("/chat/completions")
+    async def answer(
+        request: Request, endpoint: str, body: InferenceRequest, api_key_id: str | None
+    ) -> Response:
+        call = gateway.infer(endpoint, body, header_user(request), api_key_id)
+        if body.stream:  # Starlette cancels the stream when its client leaves
+            return await call
+        return await unless_client_leaves(request, call)
+
+    @router.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         api_key_id = auth.api_key(request)  # before the body is read
         body = parse(ChatCompletionRequest, await read_json(request, limit))
-        return await gateway.infer("chat.completions", body, header_user(request), api_key_id)
+        return await answer(request, "chat.completions", body, api_key_id)
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         api_key_id = auth.api_key(request)
         body = parse(CompletionRequest, await read_json(request, limit))
-        return await gateway.infer("completions", body, header_user(request), api_key_id)
+        return await answer(request, "completions", body, api_key_id)
 
     @router.get("/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -54,7 +90,7 @@ def inference_router(gateway: Gateway, auth: Auth) -> APIRouter:
             "data": [{"id": n, "object": "model", "owned_by": "tunewatch"} for n in names],
         }
 
-    @router.post("/feedback")
+    @router.post("/feedback", openapi_extra=json_body(FeedbackRequest))
     async def feedback(request: Request) -> FeedbackResponse:
         caller = auth.feedback(request)
         body = parse(FeedbackRequest, await read_json(request, limit))

@@ -41,6 +41,9 @@ class OpenAIError(Exception):
 
 
 USER_MAX_CHARS = 256  # the store's column: a longer one is the client's error, a 400
+# The largest id a row can have (an Integer column on PostgreSQL is 32-bit): a larger one asked
+# for is a 400, where the database would refuse the query (a 500).
+ROW_ID_MAX = 2**31 - 1
 
 
 class _PassThrough(BaseModel):
@@ -151,3 +154,23 @@ class AdapterInfo(BaseModel):
     fingerprint: str
     loaded: bool
     routes: list[str]
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself (bounded as it arrives,
+    serving.errors.read_json) and parses it with `model`: for the schema's readers and fuzzers,
+    since FastAPI documents only the bodies it parses. Nested models are written out in place."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}

@@ -2,8 +2,9 @@
 
 `Route` names every route an exchange is recorded under: the gateway's (primary, canary,
 shadow, pinned), the monitor's golden runs and the trainer's held-out evaluation. `Status`
-says how it ended: answered, failed, or interrupted by the gateway's own shutdown before
-the engine answered (no fault of the adapter's, so no guard counts it as an error).
+says how it ended: answered, failed, cancelled by a client that hung up before the answer
+ended (with the text it had so far), or interrupted by the gateway's own shutdown before the
+engine answered (no fault of the adapter's, so no guard counts it as an error).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from store.base import Base, StoreBase, UTCDateTime, utcnow
 
 Route = Literal["primary", "canary", "shadow", "pinned", "golden", "evaluation"]
-Status = Literal["ok", "error", "interrupted"]
+Status = Literal["ok", "error", "cancelled", "interrupted"]
 
 
 def new_id() -> str:
@@ -70,7 +71,7 @@ class Exchange(Base):
     latency_seconds: Mapped[float] = mapped_column(Float)
     mean_logprob: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))  # ok | error | interrupted
+    status: Mapped[str] = mapped_column(String(16))  # ok | error | cancelled | interrupted
     http_status: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
 

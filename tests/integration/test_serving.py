@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import uuid
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from store.exchanges import Exchange
 from tests.integration.realstack import SERVED_NAME, Stack, wait_until
@@ -226,6 +228,69 @@ def test_metrics_carry_per_adapter_latency(running_stack: Stack):
         if s.name == "tunewatch_request_duration_seconds_count" and s.value > 0
     }
     assert {("primary", "base"), ("pinned", "lora-a-v1"), ("canary", "lora-a-v1")} <= counted
+
+
+LONG_ANSWER = dict(max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})  # minutes
+
+
+def engine_running(stack: Stack) -> float:
+    """vLLM's own count of the requests it is generating for (`vllm:num_requests_running`)."""
+    text = httpx.get(f"{stack.engine_url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "vllm:num_requests_running"
+    )
+
+
+def test_a_client_that_hangs_up_mid_stream_is_recorded_cancelled_and_vllm_stops(
+    running_stack: Stack, client: openai.OpenAI
+):
+    raw = client.chat.completions.with_raw_response.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "Write a long story."}],
+        stream=True, **LONG_ANSWER,
+    )  # fmt: skip
+    stream = raw.parse()
+    text = ""
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if len(text) > 20:
+            break
+    assert engine_running(running_stack) >= 1
+    stream.close()  # the client hangs up, 1500 tokens before the end
+
+    wait_until(lambda: engine_running(running_stack) == 0, 30, "vLLM aborting the request")
+    exchange = recorded(running_stack, raw.headers["x-tunewatch-exchange-id"])
+    assert (exchange.status, exchange.http_status) == ("cancelled", 499)
+    assert exchange.response is not None and exchange.response.startswith(text)
+
+
+def test_a_client_that_hangs_up_before_a_whole_answer_is_recorded_cancelled_and_vllm_stops(
+    running_stack: Stack,
+):
+    question = f"Write a long story about the number {uuid.uuid4().hex}."
+    impatient = openai.OpenAI(
+        base_url=f"{running_stack.gateway_url}/v1", api_key="unused", timeout=4, max_retries=0
+    )
+    asking = concurrent.futures.ThreadPoolExecutor(1).submit(
+        impatient.chat.completions.create,
+        model=SERVED_NAME, messages=[{"role": "user", "content": question}], **LONG_ANSWER,
+    )  # fmt: skip
+    wait_until(lambda: engine_running(running_stack) >= 1, 10, "vLLM generating", 0.2)
+    with pytest.raises(openai.APITimeoutError):
+        asking.result(timeout=30)  # its client gives up after 4 s and closes the connection
+
+    wait_until(lambda: engine_running(running_stack) == 0, 30, "vLLM aborting the request")
+
+    def recorded_by_prompt() -> list[Exchange]:
+        with running_stack.store.session() as session:
+            return list(session.scalars(select(Exchange).where(Exchange.prompt == question)))
+
+    wait_until(lambda: bool(recorded_by_prompt()), 15, "the exchange in the store", 0.2)
+    [exchange] = recorded_by_prompt()
+    assert (exchange.status, exchange.http_status) == ("cancelled", 499)
 
 
 def test_engine_killed_mid_stream_fails_cleanly_and_comes_back(

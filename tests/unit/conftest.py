@@ -64,6 +64,7 @@ class FakeEngine:
     stream_breaks_after: int | None = None  # events sent before the connection drops
     stream_stalls_after: int | None = None  # events sent before the stream waits, while set
     lists_loaded_adapters: bool = True  # False: accepts a load but never lists the adapter
+    abandoned: int = 0  # requests closed by the gateway before their answer ended (vLLM aborts)
     served_model_name: str = SERVED_MODEL_NAME
 
     def transport(self) -> httpx.MockTransport:
@@ -105,8 +106,12 @@ class FakeEngine:
             self.loaded.discard(body["lora_name"])
             return httpx.Response(200, text="Success")
         if path in ("/v1/chat/completions", "/v1/completions"):
-            while body["model"] in self.hanging_adapters:
-                await asyncio.sleep(0.01)
+            try:
+                while body["model"] in self.hanging_adapters:
+                    await asyncio.sleep(0.01)
+            except asyncio.CancelledError:  # the connection closed while it waited
+                self.abandoned += 1
+                raise
             return self._complete(path, body)
         return _error(404, "Not Found", "NotFoundError")
 
@@ -127,7 +132,7 @@ class FakeEngine:
             return httpx.Response(
                 200,
                 headers={"content-type": "text/event-stream"},
-                content=self._stream(chat, body),
+                stream=_EngineStream(self, self._stream(chat, body)),
             )
         return httpx.Response(200, json=_completion(chat, body))
 
@@ -143,6 +148,23 @@ class FakeEngine:
             yield f"data: {json.dumps(event)}\n\n".encode()
             await asyncio.sleep(0)
         yield b"data: [DONE]\n\n"
+
+
+class _EngineStream(httpx.AsyncByteStream):
+    """A streamed answer's body, which counts a close before its end as an abandoned request."""
+
+    def __init__(self, engine: FakeEngine, events: AsyncIterator[bytes]) -> None:
+        self.engine, self.events, self.ended = engine, events, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for event in self.events:
+            yield event
+        self.ended = True
+
+    async def aclose(self) -> None:
+        if not self.ended:
+            self.engine.abandoned += 1
+            self.ended = True
 
 
 def _error(status: int, message: str, type: str = "BadRequestError") -> httpx.Response:

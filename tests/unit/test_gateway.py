@@ -1102,3 +1102,14 @@ def test_a_user_longer_than_the_store_holds_is_a_400_naming_it(gw) -> None:
     headed = gw.client.post("/v1/chat/completions", json=body, headers={USER_HEADER: "u" * 257})
     assert_openai_error(headed, 400)
     assert headed.json()["error"]["param"] == USER_HEADER
+
+
+def test_an_adapter_the_engine_lost_is_a_503_to_retry_not_the_engine_s_404(gw) -> None:
+    gw.load_adapter("v1")
+    gw.set_routing(primary="v1")
+    gw.engine.loaded.discard("v1")  # the engine restarted; the reconcile loop has not run yet
+    response = gw.chat()
+    error = assert_openai_error(response, 503, "engine_unavailable")
+    assert response.headers["retry-after"] and error["type"] == "service_unavailable"
+    exchange = gw.exchange(response.headers[EXCHANGE_HEADER])
+    assert (exchange.status, exchange.http_status) == ("error", 503)
