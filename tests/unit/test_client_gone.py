@@ -92,7 +92,8 @@ def test_a_stream_whose_client_hangs_up_is_recorded_cancelled_with_its_text_so_f
     assert exchange.error is not None and "client disconnected" in exchange.error
 
 
-def test_a_stream_whose_client_hangs_up_closes_the_engine_s_stream(gw) -> None:
+def hang_up_mid_stream(gw) -> None:
+    """A streamed chat whose client hangs up after three events, the engine stalled there."""
     gw.engine.stream_stalls_after = 3
     gw.run(
         ask_then_hang_up,
@@ -101,6 +102,10 @@ def test_a_stream_whose_client_hangs_up_closes_the_engine_s_stream(gw) -> None:
         chat_body(gw, stream=True),
         lambda sent: len(events_sent(sent)) >= 3,
     )
+
+
+def test_a_stream_whose_client_hangs_up_closes_the_engine_s_stream(gw) -> None:
+    hang_up_mid_stream(gw)
     gw.drain()
     assert gw.engine.abandoned == 1
 
@@ -129,14 +134,7 @@ def test_a_whole_answer_whose_client_hangs_up_closes_the_engine_s_request(gw) ->
 
 def test_a_client_that_hangs_up_gives_its_slot_back(make_harness) -> None:
     gw = make_harness(max_concurrency=1)
-    gw.engine.stream_stalls_after = 3
-    gw.run(
-        ask_then_hang_up,
-        gw.client.app,
-        "/v1/chat/completions",
-        chat_body(gw, stream=True),
-        lambda sent: len(events_sent(sent)) >= 3,
-    )
+    hang_up_mid_stream(gw)
     gw.engine.stream_stalls_after = None
     assert gw.chat().status_code == 200
 
