@@ -14,8 +14,7 @@ Printed per variant: output tokens/s and median time to first token on each path
 engine's start time and resident memory; then their ratios against the shipped defaults
 (first run), and each variant's adapter / base ratio (what the LoRA path costs there).
 
-    flock /tmp/tunewatch-integration.lock .venv/bin/python -m bench.engine_settings \\
-        [--variants NAME ...] [--requests N]
+    .venv/bin/python -m bench.engine_settings [--variants NAME ...] [--requests N]
 
 About 2 minutes a variant on 2 cores (vLLM starts in about a minute); `--variants` picks
 some (the defaults always run, first and last). Settings (cache dir, model) come from
