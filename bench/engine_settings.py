@@ -156,12 +156,13 @@ async def running_engine(
         yield url, time.monotonic() - started, process.pid
     finally:
         await client.aclose()
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            await asyncio.to_thread(process.wait)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.to_thread(process.wait, 60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                await asyncio.to_thread(process.wait)
 
 
 async def measure(
@@ -266,6 +267,7 @@ async def main(args: argparse.Namespace) -> None:
     measured: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="tunewatch-bench-engine-") as workdir:
         root = Path(workdir)
+        settings = settings.model_copy(update={"state_dir": root})  # the engines' fix markers
         adapter = await asyncio.to_thread(
             lora_adapter, model_dir, root / "adapter", 5, target_modules=DEFAULT_TARGET_MODULES
         )
