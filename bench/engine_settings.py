@@ -275,6 +275,7 @@ async def main(args: argparse.Namespace) -> None:
             measured.append(
                 await measure(settings, model_dir, adapter, variant, args.requests, root)
             )
+            console.print(figures_table(measured[-1:]))  # as it comes: a long run may be cut
     console.print(figures_table(measured))
     console.print(ratios_table(measured))
 
