@@ -175,7 +175,7 @@ async def measure(
 ) -> Measured:
     launch = variant_launch(settings, model_dir, adapter, variant)
     console.print(f"[bold]{variant.name}[/bold]: {' '.join(launch.command()[3:])}")
-    log_file = workdir / f"engine-{len(list(workdir.glob('engine-*')))}.log"
+    log_file = workdir / f"engine-{len(list(workdir.glob('engine-*.log')))}.log"
     async with running_engine(launch, log_file) as (url, start_s, pid):
         engine = EngineClient(url)
         await engine.load_adapter(ADAPTER, str(adapter))
