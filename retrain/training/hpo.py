@@ -40,14 +40,13 @@ from scipy.stats import rankdata, spearmanr
 
 from retrain.training.lora import train
 from retrain.training.spec import (
+    MAX_LORA_RANK,
     NonFiniteLossError,
     TrainingConfig,
     TrainingError,
     TrainingResult,
     TrainingSpec,
 )
-
-MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank: its server refuses larger adapters
 
 optuna.logging.disable_default_handler()  # Optuna's own stderr handler: logging's handlers decide
 optuna.logging.enable_propagation()

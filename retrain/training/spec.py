@@ -18,6 +18,9 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The ranks a search tries stay at or under this (vLLM's default --max-lora-rank); `tunewatch
+# up` starts the engine with room for it when a search is configured (retrain.hpo_trials).
+MAX_LORA_RANK = 16
 
 
 class TrainingError(RuntimeError):
@@ -33,7 +36,7 @@ class TrainingConfig:
     """Every knob of a run. Continuing a parent adapter keeps the parent's LoRA shape
     (rank, alpha, dropout, target modules): only the optimisation settings apply to it."""
 
-    rank: int = 8  # vLLM's server refuses adapters over its --max-lora-rank (16 by default)
+    rank: int = 8  # `up` starts vLLM with room for it; vLLM refuses ranks over --max-lora-rank
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES

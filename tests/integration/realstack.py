@@ -35,10 +35,17 @@ def wait_until(check, timeout_s: float, what: str, interval_s: float = 1.0) -> N
     raise TimeoutError(f"{what} not within {timeout_s:.0f} s")
 
 
-def lora_adapter(model_dir: Path, target: Path, seed: int, *, b_std: float | None = None) -> Path:
-    """A real LoRA adapter (rank 8 on q_proj and v_proj). `b_std` None: PEFT's random A and B,
-    which visibly change the model's outputs; 0: B = 0, the base model's answers; otherwise
-    B ~ N(0, b_std^2): nonsense at 1."""
+def lora_adapter(
+    model_dir: Path,
+    target: Path,
+    seed: int,
+    *,
+    b_std: float | None = None,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Path:
+    """A real LoRA adapter (rank 8, on q_proj and v_proj unless told). `b_std` None: PEFT's
+    random A and B, which visibly change the model's outputs; 0: B = 0, the base model's
+    answers; otherwise B ~ N(0, b_std^2): nonsense at 1."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -46,7 +53,7 @@ def lora_adapter(model_dir: Path, target: Path, seed: int, *, b_std: float | Non
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+        r=8, lora_alpha=16, target_modules=list(target_modules),
         init_lora_weights=b_std is not None, task_type="CAUSAL_LM",
     )  # fmt: skip
     adapter = get_peft_model(model, config)
