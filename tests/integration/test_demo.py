@@ -46,8 +46,8 @@ LOOP = (
     "drift.verdict",
     "retrain.queued",
     "retrain.started",
+    "adapter.registered",  # the job's adapter, then the job's success, in one settle
     "retrain.succeeded",
-    "adapter.registered",
     "rollout.started",
     "rollout.promoted",
 )
