@@ -46,8 +46,8 @@ LOOP = (
     "drift.verdict",
     "retrain.queued",
     "retrain.started",
+    "adapter.registered",  # the job's adapter, then the job's success, in one settle
     "retrain.succeeded",
-    "adapter.registered",
     "rollout.started",
     "rollout.promoted",
 )
@@ -167,7 +167,7 @@ def worse_candidate(demo: Demo, model_dir: Path) -> Iterator[tuple[str, str]]:
             env=demo.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert added.returncode == 0, added.stdout + added.stderr
-        candidate = added.stdout.split(":")[0].strip()
+        [candidate] = [v.name for v in versions(demo.store) if Path(v.path) == corrupted.resolve()]
         replay = subprocess.Popen(
             [TUNEWATCH, "replay", str(traffic), "--feedback-share", "1", "--time-limit", "600",
              "--concurrency", "2", "--config", str(PROFILE)],
