@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import httpx
@@ -59,7 +60,7 @@ class Demo:
     settings: Settings
     env: dict[str, str]
 
-    @property
+    @cached_property
     def store(self) -> Store:
         return Store(self.settings.store_url)
 
