@@ -48,8 +48,11 @@ def register() -> None:
     marker = os.environ.get(MARKER_ENV)
     if marker:
         line = {"pid": os.getpid(), "time": time.time(), "applied": applied, "reason": reason}
-        with open(marker, "a", encoding="utf-8") as sink:  # one short append per process
-            sink.write(json.dumps(line) + "\n")
+        try:
+            with open(marker, "a", encoding="utf-8") as sink:  # one short append per process
+                sink.write(json.dumps(line) + "\n")
+        except OSError as exc:  # vLLM does not start past a plugin that raises; say it instead
+            log.warning("tunewatch LoRA fix: cannot write the marker %s: %s", marker, exc)
 
 
 def _patch() -> tuple[bool, str]:

@@ -105,6 +105,17 @@ def test_each_engine_process_says_in_the_marker_that_it_applied_the_fix(
     assert why.startswith("2 engine processes")
 
 
+def test_a_marker_that_cannot_be_written_leaves_the_engine_patched_and_starting(
+    ops: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "no-such-dir" / "marker.jsonl"  # vLLM stops at a plugin that raises
+    monkeypatch.setenv(vllm_plugin.MARKER_ENV, str(marker))
+    vllm_plugin.register()
+    assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink
+    assert not marker.exists()
+    assert vllm_plugin.confirmed(marker, 0.0)[0] is False
+
+
 def test_another_vllm_is_refused_and_left_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
