@@ -468,10 +468,12 @@ async def real_part(engine_url: str, requests: int, workdir: Path) -> list[Resul
         target_modules=DEFAULT_TARGET_MODULES,
     )  # fmt: skip
     served_name = settings.engine.served_model_name
-    through_identity = build_gateway(settings, engine_url, identity_dir)
-    direct = build_gateway(settings, engine_url, identity_dir)
+
+    def gateway(name: str) -> Gateway:  # a store each: the promoted one's routing is its own
+        return build_gateway(bench_settings(workdir / name), engine_url, identity_dir)
+
+    direct, through_identity, promoted = gateway("direct"), gateway("identity"), gateway("promoted")
     direct.adapters.serve_base_through(served_name)
-    promoted = build_gateway(settings, engine_url, identity_dir)
     gateways = (direct, through_identity, promoted)
     identity = through_identity.adapters.base_adapter
     try:
