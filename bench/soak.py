@@ -18,7 +18,11 @@ comes late. What the clients have seen so far is printed every minute, so a run 
 still says something.
 
 `--rollout` registers a candidate adapter (B = 0: the base model's answers) at the start, so
-that the controller has a rollout in progress when the monitor is killed.
+that the controller has a rollout in progress when the monitor is killed. `--train` queues a
+training job at the start (the golden set, 3 epochs: minutes on cores the load keeps busy),
+so that a monitor killed early finds it mid-training: the child must outlive the monitor,
+be adopted by its successor (`tunewatch_training_job_running` 1 on the new /metrics) and be
+settled by it.
 
 Printed: what the clients saw (answered, refused with 503 and Retry-After, anything else), what
 the store holds for them (every answer recorded: the ids compared), RSS of the gateway and the
@@ -26,7 +30,7 @@ monitor at the start and end of the load, each fault's recovery time, and the st
 counters (shed, spilled, replayed, restarts).
 
     .venv/bin/python -m bench.soak [--duration-s 600] [--clients 12] [--max-concurrency 4]
-        [--fault engine@150] [--fault db@300:30] [--fault monitor@450] [--rollout]
+        [--fault engine@150] [--fault db@300:30] [--fault monitor@450] [--rollout] [--train]
 
 Run it alone (it takes both cores), under the integration lock.
 """
@@ -122,8 +126,15 @@ class Stack:
             return False
 
     def gateway_metrics(self) -> dict[str, float]:
-        """The gateway's samples summed by name and labels, e.g. 'x{reason="queue_full"}'."""
-        text = httpx.get(f"{self.gateway_url}/metrics", timeout=10).text
+        return self._metrics(self.gateway_url)
+
+    def monitor_metrics(self) -> dict[str, float]:
+        return self._metrics(self.monitor_url)
+
+    @staticmethod
+    def _metrics(url: str) -> dict[str, float]:
+        """A /metrics page's samples by name and labels, e.g. 'x{reason="queue_full"}'."""
+        text = httpx.get(f"{url}/metrics", timeout=10).text
         samples: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -153,6 +164,8 @@ def start_stack(state_dir: Path, args: argparse.Namespace) -> Stack:
         TUNEWATCH_ROLLOUT__MIN_SAMPLES="20",
         TUNEWATCH_PROMETHEUS__PORT=str(prometheus),
         TUNEWATCH_PROMETHEUS__SCRAPE_INTERVAL_S="2",
+        TUNEWATCH_RETRAIN__USE_GOLDENS=str(args.train).lower(),  # what --train's job learns
+        TUNEWATCH_RETRAIN__TRAINING__EVAL_MAX_EXAMPLES="4",
     )
     log = (state_dir / "tunewatch.log").open("wb")
     tunewatch = str(Path(sys.executable).parent / "tunewatch")
@@ -286,18 +299,46 @@ def inject(stack: Stack, fault: Fault, tally: Tally, began: float) -> dict[str, 
     if monitor is None:
         return {"fault": "monitor", "at_s": round(now()), "note": "no monitor to kill"}
     at, old_pid, old_holder = now(), monitor.pid, lease_holder(stack)
-    stage = rollout_stage(stack)
+    stage, training = rollout_stage(stack), training_job(stack)
     os.kill(old_pid, signal.SIGKILL)
     new_up_s = wait_for(
         lambda: (m := stack.monitor()) is not None and m.pid != old_pid
         and httpx.get(f"{stack.monitor_url}/metrics", timeout=5).status_code == 200, 300, 0.5,
     )  # fmt: skip
     lease_s = wait_for(lambda: lease_holder(stack) not in (None, old_holder), 300, 0.5)
-    return {
+    figures = {
         "fault": "monitor SIGKILL", "at_s": round(at), "rollout_stage_then": stage,
         "new_monitor_up_s": None if new_up_s is None else round(new_up_s, 1),
         "lease_taken_again_s": None if lease_s is None else round(lease_s, 1),
     }  # fmt: skip
+    if training is not None and training[1] == "running":
+        job_id, _, trainer_pid = training
+        adopted_s = wait_for(
+            lambda: stack.monitor_metrics().get("tunewatch_training_job_running") == 1, 120, 0.5
+        )
+        figures["training_then"] = {
+            "job": job_id,
+            "trainer_outlived_the_monitor": trainer_pid is not None
+            and psutil.pid_exists(trainer_pid),
+            "adopted_s": None if adopted_s is None else round(adopted_s, 1),
+        }
+    return figures
+
+
+def training_job(stack: Stack) -> tuple[int, str, int | None] | None:
+    """The newest training job: id, status, trainer pid."""
+    with sqlite3.connect(f"file:{stack.database}?mode=ro", uri=True, timeout=10) as db:
+        return db.execute("SELECT id, status, pid FROM training_jobs ORDER BY id DESC").fetchone()
+
+
+def queue_training(stack: Stack) -> None:
+    from retrain.jobs import queue_job  # transformers, only for --train
+
+    store = Store(f"sqlite:///{stack.database}")
+    try:
+        queue_job(store, "soak: a job for the monitor to die under", None)
+    finally:
+        store.close()
 
 
 def spilled(stack: Stack) -> float:
@@ -368,6 +409,8 @@ def run(args: argparse.Namespace, state_dir: Path) -> dict[str, object]:
     try:
         if args.rollout:
             add_candidate(stack)
+        if args.train:
+            queue_training(stack)
         tally, memory, faults = Tally(), Memory(), []
         began = time.monotonic()
         until = began + args.duration_s
@@ -433,6 +476,7 @@ def run(args: argparse.Namespace, state_dir: Path) -> dict[str, object]:
                 and v
             },
             rollout_stage_at_end=rollout_stage(stack) if args.rollout else None,
+            training_job_at_end=training_job(stack) if args.train else None,
             stack_alive=stack.process.poll() is None,
         )
     finally:
@@ -474,6 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-concurrency", type=int, default=4)
     parser.add_argument("--fault", type=Fault.parse, action="append", default=[])
     parser.add_argument("--rollout", action="store_true")
+    parser.add_argument("--train", action="store_true")
     parser.add_argument("--state-dir", type=Path, default=None, help="kept; default: a temp dir")
     return parser.parse_args(argv)
 
