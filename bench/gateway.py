@@ -94,7 +94,7 @@ PROMPTS = (
     "Give one tip for writing clear code.",
 )
 
-console = Console()
+console = Console(width=160)  # whole tables in a log file too, not cut at 80 columns
 
 
 # figures

@@ -38,7 +38,7 @@ from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
 from tunewatch.settings import load_settings
 from tunewatch.stack import prepare
 
-console = Console()
+console = Console(width=160)
 PROMPT_TOKENS = 35
 
 
