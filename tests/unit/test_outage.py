@@ -56,12 +56,15 @@ def seeded(url: str, wait_s: float | None = None) -> Store:
 
 
 async def until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Seconds until `check()` holds; fails after `timeout_s`."""
+    """Seconds until `check()` holds; fails after `timeout_s`, also when it held at last but
+    the loop, held up meanwhile, saw it late."""
     started = time.monotonic()
     while not check():
         assert time.monotonic() - started < timeout_s, f"not in {timeout_s} s: {what}"
         await asyncio.sleep(0.05)
-    return time.monotonic() - started
+    took = time.monotonic() - started
+    assert took < timeout_s, f"{what} after {took:.2f} s, not in {timeout_s} s"
+    return took
 
 
 class Ticks:
@@ -276,10 +279,10 @@ async def test_postgresql_gone_silent_for_a_while_kills_nothing_and_the_leader_r
     config: Callable[[Store], RetrainConfig],
 ) -> None:
     # The lease's calls are abandoned after a third of it, but their threads wait for the
-    # store's bound: one a look, so a bound of a look keeps them from filling the executor.
-    # The job store's engine takes a new connection on the event loop at libpq's 2 s at
-    # least, so the lease here is long enough for that and the abandoned renewal together.
-    ttl_s = 6.0
+    # store's bound: a look's, so that few are left waiting at once. The job store's engine
+    # waits for a new connection on the event loop for libpq's 2 s at least: the lease is
+    # long enough for that stall and an abandoned renewal (a third of it) on top of a look.
+    ttl_s = 12.0
     with silenceable_postgres() as (url, proxy):
         store = seeded(url, wait_s=ttl_s / 3)
         try:
