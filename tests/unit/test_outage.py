@@ -36,8 +36,9 @@ FAKE_TRAINER = str(Path(__file__).with_name("fake_trainer.py"))
 TTL_S = 3.0  # renewed every second
 OUTAGE_S = 15.0
 TRAINING_S = 4.0  # the trainer child finishes during the outage
-# Silence lasts at most this long, so that a daemon or a call that waits for the answer (what
-# this file guards against) fails its test instead of hanging it.
+# Silence lasts at most this long, then the proxy closes what went silent: a daemon or a call
+# that waits for the answer forever (what this file guards against) fails its test instead of
+# hanging it.
 SILENCE_MAX_S = 30.0
 
 
@@ -183,13 +184,27 @@ class SilencingProxy:
     def silence(self) -> None:
         """Silent until `forward()`, or SILENCE_MAX_S at most."""
         self._silent.set()
-        threading.Timer(SILENCE_MAX_S, self.forward).start()
+        self._limit = threading.Timer(SILENCE_MAX_S, self._give_up)
+        self._limit.daemon = True
+        self._limit.start()
 
     def forward(self) -> None:
+        """New connections go through again; those that went silent stay so."""
+        self._limit.cancel()
         self._silent.clear()
 
     def close(self) -> None:
-        for sock in [self._listener, *self._sockets]:
+        self._listener.close()
+        self._close_connections()
+
+    def _give_up(self) -> None:
+        self._close_connections()
+        self.forward()
+
+    def _close_connections(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def _accept(self) -> None:
