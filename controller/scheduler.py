@@ -39,14 +39,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any
 
 from apscheduler.job import Job
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -233,13 +230,11 @@ class Scheduler:
 
     def _job_store_engine(self) -> Engine:
         """An engine of its own for APScheduler's job store, whose calls run on the event loop:
-        on SQLite with a busy timeout short enough (a tenth of the renewal interval) that a
-        locked database holds the loop, and the lease's timing, for no longer."""
-        engine = create_db_engine(self.store.engine.url.render_as_string(hide_password=False))
-        if engine.dialect.name == "sqlite":
-            busy_ms = max(1, round(self.renew_every_s * 100))
-            event.listen(engine, "connect", partial(_busy_timeout, busy_ms=busy_ms))
-        return engine
+        each waits for the database at most a tenth of the renewal interval (SQLite's busy
+        timeout, PostgreSQL's every bound but a new connection's, at least libpq's 2 s), so a
+        locked or silent database holds the loop, and the lease's timing, for no longer."""
+        url = self.store.engine.url.render_as_string(hide_password=False)
+        return create_db_engine(url, wait_s=self.renew_every_s / 10)
 
     def _stop(self) -> None:
         assert self._scheduler is not None
@@ -256,12 +251,6 @@ class Scheduler:
             kind, reason, data = self._unrecorded[0]
             self.store.record_event(kind, reason, self.holder, **data)
             self._unrecorded.pop(0)
-
-
-def _busy_timeout(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-    cursor.close()
 
 
 def _describe(exc: BaseException) -> str:

