@@ -105,6 +105,11 @@ def job_dir(config: RetrainConfig, job_id: int) -> Path:
     return config.jobs_dir / f"job-{job_id}"
 
 
+def output_dir(config: RetrainConfig, job_id: int) -> Path:
+    """The job's adapter directory; its result file lies beside it."""
+    return job_dir(config, job_id) / "adapter"
+
+
 def queue_job(
     store: Store, reason: str, parent_adapter: str | None, *, status: JobStatus = "queued"
 ) -> int:
@@ -198,7 +203,7 @@ def prepare(store: Store, job_id: int, config: RetrainConfig) -> TrainingSpec:
         parent_adapter=parent_dir,
         train_file=train_file,
         validation_file=validation_file,
-        output_dir=directory / "adapter",
+        output_dir=output_dir(config, job_id),
         config=config.training,
         hpo_trials=config.hpo_trials,
     )
@@ -238,6 +243,8 @@ def spawn(
     directory = job_dir(config, job_id)
     env = dict(os.environ, TUNEWATCH_DATABASE_URL=config.database_url, HF_HUB_OFFLINE="1")
     command = [*config.launcher, "-m", "retrain.trainer", "--job", str(job_id)]
+    # Where the spec puts the adapter: a child that cannot read the spec fails there too.
+    command += ["--output-dir", str(output_dir(config, job_id))]
     with (directory / "trainer.log").open("ab") as sink:
         process = subprocess.Popen(
             command, env=env, stdout=sink, stderr=stderr or sink, start_new_session=True
@@ -284,9 +291,8 @@ def settle(store: Store, job_id: int, config: RetrainConfig, returncode: int | N
     """The child is gone: register its adapter, or fail the job with the trainer's reason."""
     metrics.TRAINING_RUNNING.set(0)
     metrics.TRAINING_PROGRESS.set(0)
-    output_dir = job_dir(config, job_id) / "adapter"
     try:
-        result = json.loads(result_path(output_dir).read_text())
+        result = json.loads(result_path(output_dir(config, job_id)).read_text())
     except (OSError, json.JSONDecodeError):
         how = "died while the daemon was down" if returncode is None else f"exited {returncode}"
         log_file = job_dir(config, job_id) / "trainer.log"

@@ -2,7 +2,8 @@
 
 It runs apart from the daemon so that a crash, an out-of-memory kill or a NaN cannot take the
 daemon down: `--job ID` for a job of the daemon (the spec is read from the job's row in the
-store, progress is written back to it) or `--spec SPEC.json` for a spec in a file. Either way
+store, progress is written back to it) or `--spec SPEC.json` for a spec in a file. A database
+that is down or locked as a job's child starts is waited for, up to `START_DEADLINE_S`. Either way
 it writes two files next to the output directory: progress lines while it runs and one
 result JSON at the end, which the parent reads. The same entry point runs under `torchrun`
 (or `accelerate launch`); a search (`hpo_trials`) runs first, in one process.
@@ -11,16 +12,20 @@ result JSON at the end, which the parent reads. The same entry point runs under 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import SQLAlchemyError
+from pythonjsonlogger.json import JsonFormatter
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from retrain.training.hpo import tune
 from retrain.training.lora import is_rank_zero, train
@@ -37,6 +42,19 @@ from retrain.training.spec import (
 )
 from store import Store
 from store.jobs import TrainingJob
+from store.schema import DatabaseUnavailableError
+
+log = logging.getLogger("retrain.trainer")
+
+# How long a job's child waits for its database at the start, when the daemon has just written
+# the spec: 10 lease times to live at the default (30 s). An outage that short costs the
+# controller its turn and nothing else (it leads again, and follows this child by its pid), so
+# it must not cost the job either; past it, the job fails with the reason and the one training
+# slot is free for the next the trigger asks for.
+START_DEADLINE_S = 300.0
+START_RETRY_MAX_S = 10.0  # the longest wait between two tries (doubling from 0.5 s)
+# The database cannot be reached or is locked: nothing is wrong with the job, so try again.
+UNAVAILABLE = (OperationalError, DatabaseUnavailableError)
 
 
 def load_job(store: Store, job_id: int) -> TrainingSpec:
@@ -51,6 +69,40 @@ def load_job(store: Store, job_id: int) -> TrainingSpec:
             return TypeAdapter(TrainingSpec).validate_python(row.spec)
         except ValidationError as exc:
             raise TrainingError(f"training job {job_id}: invalid spec: {exc}") from None
+
+
+def open_job(url: str, job_id: int, deadline_s: float) -> tuple[Store, TrainingSpec]:
+    """The store and the job's spec, tried again while the database is unavailable (each try
+    logged) up to `deadline_s`; then a TrainingError naming the database."""
+    started, wait_s, attempt = time.monotonic(), 0.5, 1
+    store: Store | None = None
+    while True:
+        try:
+            store = store or Store(url)
+            return store, load_job(store, job_id)
+        except UNAVAILABLE as exc:
+            why = _unavailable(url, exc)
+            waited_s = time.monotonic() - started
+            if waited_s + wait_s > deadline_s:
+                raise TrainingError(
+                    f"{why}; unavailable for {waited_s:.0f} s from the trainer's start "
+                    f"({attempt} tries)"
+                ) from None
+            log.warning(
+                "the database is unavailable at the trainer's start; trying again",
+                extra={"job": job_id, "attempt": attempt, "retry_in_s": wait_s, "error": why},
+            )
+            time.sleep(wait_s)
+            wait_s, attempt = min(2 * wait_s, START_RETRY_MAX_S), attempt + 1
+
+
+def _unavailable(url: str, exc: Exception) -> str:
+    """One line naming the database, as a store that cannot start says it."""
+    if isinstance(exc, DatabaseUnavailableError):
+        return str(exc)
+    shown = make_url(url).render_as_string(hide_password=True)
+    lines = str(getattr(exc, "orig", exc)).strip().splitlines()
+    return f"the database {shown}: {lines[0] if lines else type(exc).__name__}"
 
 
 class StoreProgress:
@@ -127,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--spec", type=Path, help="a TrainingSpec as a JSON file")
     source.add_argument("--job", type=int, help="a training job in the store: spec and progress")
     parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="the job's output directory, where its result goes if the spec cannot be read",
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get("TUNEWATCH_DATABASE_URL"),
         help="the store of --job (default: $TUNEWATCH_DATABASE_URL)",
@@ -134,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.job is not None and not args.database_url:
         parser.error("--job needs --database-url or TUNEWATCH_DATABASE_URL")
-    output_dir: Path | None = None
+    _log_json()
+    output_dir: Path | None = args.output_dir
     stored: StoreProgress | None = None
     try:
         if args.job is None:
             spec, reporters = load_spec(args.spec), []
         else:
-            store = Store(args.database_url)
-            spec = load_job(store, args.job)
+            store, spec = open_job(args.database_url, args.job, START_DEADLINE_S)
             stored = StoreProgress(store, args.job)
             reporters = [stored]
         output_dir = spec.output_dir
@@ -157,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the process boundary: every failure becomes one recorded reason
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         if is_rank_zero() and output_dir is not None and not result_path(output_dir).exists():
+            output_dir.parent.mkdir(parents=True, exist_ok=True)
             failure = {"status": "failed", "reason": reason, "traceback": traceback.format_exc()}
             write_json(result_path(output_dir), failure)
         print(f"retrain.trainer: {reason}", file=sys.stderr)
@@ -171,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # after the result file: what the daemon settles from never waits on the database
         if stored is not None:
             stored.close()
+
+
+def _log_json() -> None:
+    """This module's lines as one JSON object each on stderr (the daemon's trainer.log)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter("{asctime}{levelname}{name}{message}", style="{"))
+    log.handlers[:], log.propagate = [handler], False
+    log.setLevel(logging.INFO)
 
 
 def _each(reporters: list[ProgressCallback]) -> ProgressCallback:

@@ -97,10 +97,7 @@ def start_refusal(store: Store, adapter: str) -> str | None:
     """Why a rollout of `adapter` cannot start now, or None."""
     active = active_rollout(store)
     if active is not None:
-        return (
-            f"rollout {active.id} of {active.candidate} is {active.stage}: one rollout at a "
-            "time; finish, promote or roll it back first"
-        )
+        return one_at_a_time(active)
     with store.session() as session:
         row = session.get(Adapter, adapter)
         if row is None:
@@ -117,6 +114,14 @@ def start_refusal(store: Store, adapter: str) -> str | None:
             "set by hand; clear them (PUT /admin/routing) before a rollout takes over"
         )
     return None
+
+
+def one_at_a_time(active: RolloutView) -> str:
+    """The refusal of a start while `active` is in progress."""
+    return (
+        f"rollout {active.id} of {active.candidate} is {active.stage}: one rollout at a "
+        "time; finish, promote or roll it back first"
+    )
 
 
 def request(store: Store, name: str, *, adapter: str | None = None, by: str) -> CommandView:

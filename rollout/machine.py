@@ -40,11 +40,11 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from rollout.guards.types import GuardConfig, GuardResult, Judgement
+from store.rollouts import ACTIVE_STAGES as ACTIVE_STAGES  # the database allows one at a time
 
 Stage = Literal["shadow", "canary", "paused", "promoted", "rolled_back"]
 Action = Literal["none", "advance", "promote", "rollback", "pause", "resume"]
 Command = Literal["pause", "resume", "promote", "rollback"]
-ACTIVE_STAGES: tuple[Stage, ...] = ("shadow", "canary", "paused")
 FINISHED: tuple[Stage, ...] = ("promoted", "rolled_back")
 
 

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from monitor.quality import answer_score
@@ -50,7 +51,7 @@ from store import Store
 from store.adapters import Adapter, RoutingTable, add_routing_change
 from store.base import json_safe
 from store.events import ControllerState, Event
-from store.rollouts import Rollout
+from store.rollouts import ONE_ACTIVE, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,17 @@ class RolloutRunner:
             session.add(Event(kind="rollout.refused", subject=adapter, reason=why))
 
     def _begin(self, adapter: str, by: str, reason: str) -> int:
+        """The rollout's row, routing, status and event in one transaction; RolloutRefusal when
+        another started since the check (the database holds one in progress at most)."""
+        try:
+            return self._insert(adapter, by, reason)
+        except IntegrityError as exc:
+            active = control.active_rollout(self.store)
+            if ONE_ACTIVE not in str(exc.orig) or active is None:
+                raise
+            raise RolloutRefusal(control.one_at_a_time(active)) from None
+
+    def _insert(self, adapter: str, by: str, reason: str) -> int:
         now = datetime.now(UTC)
         config = self.config.rollout
         state = start(now)

@@ -5,16 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, String, Text
+from sqlalchemy import Index, Integer, String, Text, literal_column, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from store.base import Base, utcnow
+
+ACTIVE_STAGES = ("shadow", "canary", "paused")  # a rollout in progress: one at a time
+# The database holds at most one: a unique index on a constant, over the rows in those stages.
+ONE_ACTIVE = "rollouts_one_active"
+_ACTIVE = literal_column("stage").in_(ACTIVE_STAGES)
 
 
 class Rollout(Base):
     """One candidate adapter's way through shadow and canary steps to promoted or rolled back."""
 
     __tablename__ = "rollouts"
+    # Two controllers starting at once (a stale leader and the new one) both see none in
+    # progress; the second insert fails here, and that start is refused.
+    __table_args__ = (
+        Index(ONE_ACTIVE, text("(1)"), unique=True, sqlite_where=_ACTIVE, postgresql_where=_ACTIVE),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

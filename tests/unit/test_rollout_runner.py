@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -341,3 +342,55 @@ def test_the_loops_counters_start_at_zero_so_the_first_event_counts() -> None:
         ("tunewatch_retrain_trigger_decisions_total", {"action": "retrain"}),
     ):
         assert REGISTRY.get_sample_value(name, labels) is not None, name
+
+
+def test_two_controllers_starting_at_once_leave_one_rollout_in_progress(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A stale leader and the new one each see no rollout in progress and each start one (here
+    of a candidate each, in threads): the database keeps one; the other start is refused as a
+    start is while a rollout is in progress."""
+    stores = [Store(store_url), Store(store_url)]
+    try:
+        names = [
+            register(stores[0], family, write_adapter(tmp_path / family, b"w"), reason="x").name
+            for family in ("support", "other")
+        ]
+        both_checked = threading.Barrier(2, timeout=30)
+        check = control.start_refusal
+
+        def checked_then_wait(store: Store, adapter: str) -> str | None:
+            refusal = check(store, adapter)
+            both_checked.wait()  # each has seen none in progress before either inserts
+            return refusal
+
+        monkeypatch.setattr(control, "start_refusal", checked_then_wait)
+        outcomes: dict[str, int | RolloutRefusal] = {}
+
+        def start(store: Store, adapter: str) -> None:
+            engine = EngineClient(ENGINE_URL, transport=FakeEngine().transport())
+            runner = RolloutRunner(store, engine, replace(FAST, auto_start=False))
+            try:
+                outcomes[adapter] = asyncio.run(runner.start(adapter, by="auto", reason="new"))
+            except RolloutRefusal as exc:
+                outcomes[adapter] = exc
+
+        pairs = zip(stores, names, strict=True)
+        threads = [threading.Thread(target=start, args=pair) for pair in pairs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        monkeypatch.undo()
+
+        [winner] = [name for name, outcome in outcomes.items() if isinstance(outcome, int)]
+        [refusal] = [outcome for outcome in outcomes.values() if isinstance(outcome, Exception)]
+        active = control.active_rollout(stores[0])
+        assert active is not None and (active.id, active.candidate) == (outcomes[winner], winner)
+        assert str(refusal) == control.start_refusal(stores[0], names[0])
+        assert "one rollout at a time" in str(refusal)
+        assert [r.candidate for r in control.rollouts(stores[0])] == [winner]
+        assert len(stores[0].events(kind="rollout.started")) == 1
+    finally:
+        for store in stores:
+            store.close()

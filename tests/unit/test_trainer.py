@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from retrain.training.spec import (
     save_spec,
 )
 from store import Store
+from store.jobs import TrainingJob
 
 
 def spec_json(tmp_path: Path, **overrides) -> Path:
@@ -211,3 +214,60 @@ def test_a_locked_database_costs_the_job_row_its_progress_never_the_training(
     assert get_job(store, job_id).progress["val_loss"] == 0.4
     assert "database is locked" in capsys.readouterr().err  # said once in the trainer's log
     store.close()
+
+
+def stored_job(tmp_path: Path, url: str) -> tuple[int, Path]:
+    """A running job whose row holds its spec, as the daemon leaves it for the child."""
+    store = Store(url)
+    job_id = queue_job(store, "a test", None, status="running")
+    spec = json.loads(spec_json(tmp_path).read_text())
+    with store.session() as session:
+        session.get(TrainingJob, job_id).spec = spec
+    store.close()
+    return job_id, Path(spec["output_dir"])
+
+
+def test_a_job_whose_database_is_locked_as_its_child_starts_trains_once_it_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """Another connection holds SQLite's lock (readers too) past its busy timeout (5 s) as the
+    child starts: the child tries again, each try logged, and trains once the lock goes."""
+    database = tmp_path / "jobs.db"
+    job_id, output_dir = stored_job(tmp_path, f"sqlite:///{database}")
+    trained: list[Path] = []
+    monkeypatch.setattr("retrain.trainer.train", lambda spec, _: trained.append(spec.output_dir))
+    holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")  # kept to the close, and readers wait
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("UPDATE training_jobs SET reason = reason")
+    release = threading.Timer(6.0, holder.close)
+    release.start()
+    try:
+        argv = ["--job", str(job_id), "--database-url", f"sqlite:///{database}"]
+        assert main([*argv, "--output-dir", str(output_dir)]) == 0
+    finally:
+        release.join()
+    assert trained == [output_dir]
+    [retry] = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert retry["job"] == job_id and retry["attempt"] == 1
+    assert retry["error"] == f"the database sqlite:///{database}: database is locked"
+
+
+def test_a_job_whose_database_stays_down_past_the_deadline_fails_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """PostgreSQL refusing connections (nothing listens on port 1) for longer than the
+    deadline: the child fails with one reason naming the database, in its result file."""
+    job_id, output_dir = stored_job(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}")
+    monkeypatch.setattr("retrain.trainer.START_DEADLINE_S", 2.0)
+    down = "postgresql+psycopg://tunewatch:secret@127.0.0.1:1/tunewatch"
+    argv = ["--job", str(job_id), "--database-url", down, "--output-dir", str(output_dir)]
+    assert main(argv) == 1
+    failure = json.loads(result_path(output_dir).read_text())
+    assert failure["status"] == "failed"
+    reason = failure["reason"]
+    assert reason.startswith(
+        "TrainingError: the database postgresql+psycopg://tunewatch:***@127.0.0.1:1/tunewatch: "
+    )
+    assert re.search(r"Connection refused; unavailable for \d s from the trainer's start", reason)
+    assert "secret" not in reason
