@@ -88,10 +88,16 @@ class AdapterSet:
 
     def resolve(self, adapter: str | None) -> str:
         """The engine-side name of an adapter; None (the base model) is the engine's base model
-        where that is safe, else the identity adapter."""
+        where that is safe, else the identity adapter. While a rollout compares a candidate
+        with what serves now (a shadow or a canary in the table), the base takes the identity
+        adapter's LoRA road too: the latency guard then weighs the candidate against the road
+        it would replace, not against what the LoRA path itself costs on the engine."""
         if adapter is not None:
             return adapter
-        return self.engine_base_model or self.base_adapter
+        comparing = self.routing.shadow is not None or self.routing.canary is not None
+        if self.engine_base_model is None or comparing:
+            return self.base_adapter
+        return self.engine_base_model
 
     async def load(self, name: str, path: str, reason: str) -> AdapterRecord:
         fingerprint = await asyncio.to_thread(adapter_fingerprint, path)

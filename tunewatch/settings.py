@@ -39,9 +39,10 @@ class EngineSettings(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     max_loras: int = Field(default=4, ge=1)
     serve_base_directly: bool = Field(
-        default=False,
+        default=True,
         description="Base-model traffic to vLLM's base model where the engine confirms "
-        "tunewatch's LoRA fix (serving/vllm_plugin.py); unset: through the identity adapter.",
+        "tunewatch's LoRA fix (serving/vllm_plugin.py), except while a rollout compares a "
+        "candidate with it; off: always through the identity adapter.",
     )
     max_lora_rank: int | None = Field(
         default=None,

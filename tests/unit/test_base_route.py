@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from serving import vllm_plugin
+from store.adapters import RoutingTable
 from tunewatch.settings import Settings
 from tunewatch.stack import choose_base_route, engine_launch
 
@@ -43,3 +44,17 @@ def test_a_confirmed_fix_is_not_used_unless_the_settings_allow_it(gw, tmp_path: 
     gw.gateway.adapters.serve_base_through(gw.served_model_name)
     gw.run(choose_base_route, gw.gateway, launch, started, False)
     assert gw.gateway.adapters.resolve(None) == gw.base_adapter
+
+
+def test_the_base_takes_the_lora_road_while_a_rollout_compares_a_candidate_with_it(gw) -> None:
+    adapters = gw.gateway.adapters
+    adapters.serve_base_through(gw.served_model_name)
+    for during in (
+        RoutingTable(shadow="cand", shadow_fraction=0.5),
+        RoutingTable(canary="cand", canary_weight=0.25, shadow="cand", shadow_fraction=0.5),
+    ):
+        adapters._use_routing(during)
+        assert adapters.resolve(None) == gw.base_adapter, during
+    adapters._use_routing(RoutingTable(primary="cand"))  # promoted: nothing compared
+    assert adapters.resolve(None) == gw.served_model_name
+    assert adapters.resolve("cand") == "cand"

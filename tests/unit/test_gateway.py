@@ -97,13 +97,18 @@ def test_the_base_falls_back_to_the_identity_adapter_when_the_fix_is_lost(gw) ->
     assert gw.engine.inference_bodies()[-1]["model"] == gw.base_adapter
 
 
-def test_a_shadow_of_base_traffic_still_answers_on_its_adapter(gw) -> None:
+def test_base_traffic_in_a_rollout_takes_the_lora_road_its_shadow_is_compared_on(gw) -> None:
     gw.load_adapter("v2")
-    gw.set_routing(shadow="v2", shadow_fraction=1.0)
     gw.gateway.adapters.serve_base_through(gw.served_model_name)
     gw.chat()
+    gw.set_routing(shadow="v2", shadow_fraction=1.0)
+    gw.chat()
     gw.drain()
-    assert [b["model"] for b in gw.engine.inference_bodies()[-2:]] == [gw.served_model_name, "v2"]
+    assert [b["model"] for b in gw.engine.inference_bodies()[-3:]] == [
+        gw.served_model_name,  # no rollout: the base at its own speed
+        gw.base_adapter,  # in shadow: the identity adapter's LoRA road, as the candidate's
+        "v2",
+    ]
 
 
 def test_sampling_parameters_pass_through_to_the_engine_untouched(gw) -> None:
