@@ -20,23 +20,26 @@ training, T     the same load while the trainer trains, launched as the daemon l
                 built and rendered by retrain.data, the demo profile's training config for
                 --epochs epochs and without its final evaluation (it generates, it does not
                 train). The load runs from the child's start to its exit: imports and model
-                loading included, what serving meets while a retrain runs.
+                loading included, what serving meets while a retrain runs. A run still going
+                after --train-limit-s is stopped there (a thread count that starves the
+                trainer must not stall the bench); its logged steps are still measured.
 
 Rounds alternate (ABAB): each serves alone, then trains at each T of --threads in turn.
 Printed as they come: each phase's answers/s, latency and TTFT (p50, p95), failed requests
 and the cores the engine's processes used (their CPU time over the phase); each training
-run's wall time (the child's life), the trainer's own training seconds, samples/s and
-tokens/s, its CPU time and cores. First, vLLM's processes with their CPU affinity and their
-threads' (the binding the figures are read against). At the end, over all rounds: each T's
-samples/s and wall time against T=1 (or the first T given), and the serving figures during
-each T against serving alone.
+run's wall time (the child's life), samples/s over its logged steps (a line a step: the
+steps alone, from the first step's end to the last's), the trainer's own training seconds,
+samples/s and tokens/s (finished runs), its CPU time and cores. First, vLLM's processes
+with their CPU affinity and their threads' (the binding the figures are read against). At
+the end, over all rounds: each T's samples/s (both figures) and wall time against T=1 (or
+the first T given), and the serving figures during each T against serving alone.
 
     .venv/bin/python -m bench.trainer_threads [--threads 1 2] [--rounds 2] [--examples 48]
                                               [--epochs 1] [--rate 0.5] [--alone-s 60]
-                                              [--road adapter|base]
+                                              [--train-limit-s 180] [--road adapter|base]
 
-About 8 minutes at the defaults on 2 cores (vLLM starts in about a minute). Settings come
-from the demo's profile (tunewatch/demo/profile.yaml) and TUNEWATCH_* variables.
+At most about 12 minutes at the defaults on 2 cores (vLLM starts in about a minute).
+Settings come from the demo's profile (tunewatch/demo/profile.yaml) and TUNEWATCH_* variables.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,7 @@ from retrain.training.spec import (
     DEFAULT_TARGET_MODULES,
     TrainingConfig,
     TrainingSpec,
+    progress_path,
     result_path,
     save_spec,
 )
@@ -84,8 +89,7 @@ from tunewatch.retraining import retrain_config
 from tunewatch.settings import load_settings
 from tunewatch.stack import prepare
 
-ALONE = "serving alone"
-TRAINER_TIMEOUT_S = 900.0
+ALONE = "alone"  # the phase of serving alone; a training phase is "T=<threads>"
 TRAFFIC_SEED, TRAINING_SEED = 1, 0  # the served prompts are not the trained ones
 
 
@@ -102,17 +106,19 @@ class Served:
 @dataclass(frozen=True)
 class Trained:
     wall_s: float  # the child's life: imports, model loading, training, saving
-    train_s: float  # the trainer's own figure: its training loop, validation included
-    samples_per_s: float
-    tokens_per_s: float
     cpu_s: float  # the child's CPU time, every thread
-    torch_threads: int  # what the trainer set
+    step_rate: float | None  # samples/s over its logged steps alone (None: under two steps)
+    cut: bool  # stopped at --train-limit-s: the trainer's own figures below are None
+    train_s: float | None  # the trainer's own figures: its training loop, validation included
+    samples_per_s: float | None
+    tokens_per_s: float | None
+    torch_threads: int | None  # what the trainer set
 
 
 @dataclass
 class Phase:
     round: int
-    name: str  # ALONE, or "training, T=<threads>"
+    name: str  # ALONE, or "T=<threads>"
     threads: int | None
     served: Served
     trained: Trained | None = None
@@ -210,10 +216,27 @@ def write_task_b(
     )
 
 
+def step_rate(progress_file: Path, batch_size: int) -> float | None:
+    """Samples/s between the first and the last training step the trainer logged (a line a
+    step, each at its end): the steps alone, of a run cut short too. None: under two steps."""
+    ends: dict[int, datetime] = {}
+    lines = progress_file.read_text().splitlines() if progress_file.exists() else []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):  # a last line cut by the kill
+            entry = json.loads(line)
+            if entry["val_loss"] is None:  # a training step, not a validation
+                ends.setdefault(entry["step"], datetime.fromisoformat(entry["time"]))
+    if len(ends) < 2:
+        return None
+    first, last = min(ends), max(ends)
+    return (last - first) * batch_size / (ends[last] - ends[first]).total_seconds()
+
+
 async def train_beside(
-    load: Load, spec: TrainingSpec, config: RetrainConfig, directory: Path
+    load: Load, spec: TrainingSpec, config: RetrainConfig, directory: Path, limit_s: float
 ) -> tuple[Served, Trained]:
-    """The trainer child on `spec`, as the daemon starts it, and the load until it exits."""
+    """The trainer child on `spec`, as the daemon starts it, and the load until it exits or
+    is stopped at `limit_s`."""
     spec_file, log_file = directory / "spec.json", directory / "trainer.log"
     save_spec(spec, spec_file)
     command = [*config.launcher, "-m", "retrain.trainer", "--spec", str(spec_file)]
@@ -228,31 +251,35 @@ async def train_beside(
             start_new_session=True,
         )
 
-    async def exits() -> float:
+    async def exits() -> tuple[float, bool]:
+        """When the child ended, and whether it was cut."""
         try:
-            await asyncio.to_thread(child.wait, TRAINER_TIMEOUT_S)
+            await asyncio.to_thread(child.wait, limit_s)
+            return time.perf_counter(), False
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             await asyncio.to_thread(child.wait)
-        return time.perf_counter()
+            return time.perf_counter(), True
 
     exited = asyncio.ensure_future(exits())
-    served = await load.run(exited, f"training, T={spec.config.threads}")
-    ended = await exited
+    served = await load.run(exited, f"T={spec.config.threads}")
+    ended, cut = await exited
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child, reaped: nothing else ends
     cpu_s = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
     result_file = result_path(spec.output_dir)
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
-    if child.returncode != 0 or result.get("status") != "succeeded":
+    if not cut and (child.returncode != 0 or result.get("status") != "succeeded"):
         tail = log_file.read_text(errors="replace")[-3000:]
         raise SystemExit(f"the trainer failed (exit {child.returncode}):\n{tail}")
     trained = Trained(
         wall_s=ended - started,
-        train_s=result["train_seconds"],
-        samples_per_s=result["samples_per_second"],
-        tokens_per_s=result["tokens_per_second"],
         cpu_s=cpu_s,
-        torch_threads=result["threads_per_process"],
+        step_rate=step_rate(progress_path(spec.output_dir), spec.config.batch_size),
+        cut=cut,
+        train_s=result.get("train_seconds"),
+        samples_per_s=result.get("samples_per_second"),
+        tokens_per_s=result.get("tokens_per_second"),
+        torch_threads=result.get("threads_per_process"),
     )
     return served, trained
 
@@ -310,10 +337,10 @@ def pooled(phases: Sequence[Phase], name: str) -> Served:
 
 
 def serving_table(rows: Sequence[tuple[str, Served]], title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=f"{title}: latency and TTFT in ms; engine: its processes' cores")
     table.add_column("phase", no_wrap=True)
-    columns = ("sent", "failed", "answers/s", "p50 ms", "p95 ms", "TTFT p50", "TTFT p95")
-    for column in (*columns, "engine cores"):
+    columns = ("sent", "failed", "answers per s", "p50", "p95", "TTFT p50", "TTFT p95")
+    for column in (*columns, "engine"):
         table.add_column(column, justify="right")
     for label, served in rows:
         result = served.result
@@ -332,9 +359,12 @@ def serving_table(rows: Sequence[tuple[str, Served]], title: str) -> Table:
 
 
 def training_table(phases: Sequence[Phase]) -> Table:
-    table = Table(title="training beside the load (wall: the child's life; train: its loop)")
-    columns = ("round", "threads", "torch threads", "wall s", "train s", "samples/s", "tokens/s")
-    for column in (*columns, "CPU s", "cores"):
+    table = Table(
+        title="training beside the load: samples/s over its logged steps (steps) and the "
+        "trainer's own (own: finished runs); wall: the child's life, or where it was cut"
+    )
+    columns = ("round", "T", "torch set", "wall s", "steps", "own", "train s")
+    for column in (*columns, "tokens per s", "CPU s", "cores"):
         table.add_column(column, justify="right")
     for phase in phases:
         trained = phase.trained
@@ -343,15 +373,20 @@ def training_table(phases: Sequence[Phase]) -> Table:
         table.add_row(
             str(phase.round),
             str(phase.threads),
-            str(trained.torch_threads),
-            f"{trained.wall_s:.1f}",
-            f"{trained.train_s:.1f}",
-            f"{trained.samples_per_s:.2f}",
-            f"{trained.tokens_per_s:.0f}",
+            figure(trained.torch_threads, "{}"),
+            f"{trained.wall_s:.1f}" + (" (cut)" if trained.cut else ""),
+            figure(trained.step_rate, "{:.2f}"),
+            figure(trained.samples_per_s, "{:.2f}"),
+            figure(trained.train_s, "{:.1f}"),
+            figure(trained.tokens_per_s, "{:.0f}"),
             f"{trained.cpu_s:.1f}",
             f"{trained.cpu_s / trained.wall_s:.2f}",
         )
     return table
+
+
+def figure(value: float | None, form: str) -> str:
+    return "-" if value is None else form.format(value)
 
 
 def ratio(value: float | None, baseline: float | None) -> str:
@@ -361,11 +396,14 @@ def ratio(value: float | None, baseline: float | None) -> str:
 
 
 def ratios_table(phases: Sequence[Phase], threads: Sequence[int]) -> Table:
-    """Training against the baseline T (medians over rounds); serving against serving alone."""
+    """Training against the baseline T (medians over the rounds that have the figure; a cut
+    run's wall is its limit, a lower bound); serving against serving alone."""
     baseline_t = 1 if 1 in threads else threads[0]
 
-    def median(t: int, figure: str) -> float:
-        return statistics.median(getattr(p.trained, figure) for p in phases if p.threads == t)
+    def median(t: int, figure: str) -> float | None:
+        values = [getattr(p.trained, figure) for p in phases if p.threads == t]
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
 
     def quantile(served: Served, figure: str, q: float) -> float | None:
         text = ms(served.result, figure, q)
@@ -373,17 +411,19 @@ def ratios_table(phases: Sequence[Phase], threads: Sequence[int]) -> Table:
 
     alone = pooled(phases, ALONE)
     table = Table(
-        title=f"ratios: training against T={baseline_t} (medians over rounds); serving during "
-        "training against serving alone (pooled over rounds)"
+        title=f"ratios: training against T={baseline_t} (samples/s over the steps and the "
+        "trainer's own, wall; medians over rounds), serving during training against serving "
+        "alone (pooled over rounds)"
     )
-    table.add_column("threads T", justify="right")
-    columns = ("samples/s", "wall", "answers/s", "p50", "p95", "TTFT p50", "TTFT p95")
-    for column in (*columns, "engine cores"):
+    table.add_column("T", justify="right")
+    columns = ("steps", "own", "wall", "ans per s", "p50", "p95")
+    for column in (*columns, "TTFT p50", "TTFT p95", "engine"):
         table.add_column(column, justify="right")
     for t in threads:
-        during = pooled(phases, f"training, T={t}")
+        during = pooled(phases, f"T={t}")
         table.add_row(
             str(t),
+            ratio(median(t, "step_rate"), median(baseline_t, "step_rate")),
             ratio(median(t, "samples_per_s"), median(baseline_t, "samples_per_s")),
             ratio(median(t, "wall_s"), median(baseline_t, "wall_s")),
             ratio(during.result.rps, alone.result.rps),
@@ -427,6 +467,10 @@ def parse_args() -> argparse.Namespace:
         help="seconds of serving alone a round (default 60)",
     )  # fmt: skip
     parser.add_argument(
+        "--train-limit-s", type=positive_float, default=180.0,
+        help="a training run still going after this is stopped, its steps measured (default 180)",
+    )  # fmt: skip
+    parser.add_argument(
         "--road", choices=("adapter", "base"), default="adapter",
         help="the requests name the loaded adapter (default) or the base model",
     )  # fmt: skip
@@ -468,7 +512,7 @@ async def main(args: argparse.Namespace) -> None:
             model = ADAPTER if args.road == "adapter" else engine.launch.served_model_name
             stream = {"stream": True, "stream_options": {"include_usage": True}, "logprobs": True}
             target = Target(args.road, Server(engine.url), {"model": model, **stream})
-            pool = math.ceil(args.rate * max(args.alone_s, TRAINER_TIMEOUT_S)) + 1
+            pool = math.ceil(args.rate * max(args.alone_s, args.train_limit_s)) + 1
             limits = httpx.Limits(max_connections=64)
             async with httpx.AsyncClient(timeout=300.0, limits=limits) as client:
                 await warm_up_engine(client, (target,), 2, 1)
@@ -482,24 +526,34 @@ async def main(args: argparse.Namespace) -> None:
                         directory.mkdir()
                         config = replace(base_config, threads=t)
                         spec = training_spec(model_dir, data, config, directory)
-                        served, trained = await train_beside(load, spec, retrain, directory)
-                        phases.append(Phase(round_, f"training, T={t}", t, served, trained))
+                        served, trained = await train_beside(
+                            load, spec, retrain, directory, args.train_limit_s
+                        )
+                        phases.append(Phase(round_, f"T={t}", t, served, trained))
                         show(phases[-1])
-    names = [ALONE, *(f"training, T={t}" for t in args.threads)]
-    console.print(
-        serving_table([(f"{p.name} (round {p.round})", p.served) for p in phases], "serving")
-    )
+    names = [ALONE, *(f"T={t}" for t in args.threads)]
+    console.print(serving_table([(f"r{p.round} {p.name}", p.served) for p in phases], "serving"))
     console.print(serving_table([(n, pooled(phases, n)) for n in names], "serving, all rounds"))
     console.print(training_table(phases))
     console.print(ratios_table(phases, args.threads))
 
 
 def show(phase: Phase) -> None:
-    """One phase's figures as it ends: a long run may be cut."""
-    line = serving_table([(f"{phase.name} (round {phase.round})", phase.served)], "")
+    """One phase's figures as it ends, on a line: a long run may be cut."""
+    served, result = phase.served, phase.served.result
+    line = (
+        f"round {phase.round} {phase.name}: {served.sent} sent, {served.failed} failed, "
+        f"{result.rps:.2f} answers/s, p50 {ms(result, 'latency', 0.5)} ms, p95 "
+        f"{ms(result, 'latency', 0.95)} ms, TTFT p50 {ms(result, 'ttft', 0.5)} ms; engine "
+        f"{served.engine_cpu_s / result.wall_s:.2f} cores"
+    )
+    if (trained := phase.trained) is not None:
+        line += (
+            f"; trainer {trained.wall_s:.0f} s{' (cut)' if trained.cut else ''}, "
+            f"{figure(trained.step_rate, '{:.2f}')} samples/s over its steps, "
+            f"{trained.cpu_s / trained.wall_s:.2f} cores"
+        )
     console.print(line)
-    if phase.trained is not None:
-        console.print(training_table([phase]))
 
 
 if __name__ == "__main__":
