@@ -116,12 +116,16 @@ def variant_launch(
     )
 
 
-def tree_rss_gib(pid: int) -> float:
-    """Resident memory of a process and all its children (vLLM's API server, engine core)."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its children (vLLM's API server, engine core)."""
     root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)]
+    return [root, *root.children(recursive=True)]
+
+
+def tree_rss_gib(pid: int) -> float:
+    """Resident memory of a process and all its children."""
     total = 0
-    for process in processes:
+    for process in process_tree(pid):
         try:
             total += process.memory_info().rss
         except psutil.NoSuchProcess:
@@ -165,6 +169,29 @@ async def running_engine(
                 await asyncio.to_thread(process.wait)
 
 
+@dataclass(frozen=True)
+class RunningEngine:
+    launch: EngineLaunch
+    url: str
+    start_s: float  # until it answered healthy
+    pid: int
+
+
+@asynccontextmanager
+async def engine_with_adapter(
+    settings: Settings, model_dir: Path, adapter: Path, variant: Variant, workdir: Path
+) -> AsyncIterator[RunningEngine]:
+    """The variant's vLLM with `adapter` loaded as ADAPTER, until the block ends."""
+    launch = variant_launch(settings, model_dir, adapter, variant)
+    console.print(f"[bold]{variant.name}[/bold]: {' '.join(launch.command()[3:])}")
+    log_file = workdir / f"engine-{len(list(workdir.glob('engine-*.log')))}.log"
+    async with running_engine(launch, log_file) as (url, start_s, pid):
+        engine = EngineClient(url)
+        await engine.load_adapter(ADAPTER, str(adapter))
+        await engine.aclose()
+        yield RunningEngine(launch, url, start_s, pid)
+
+
 async def measure(
     settings: Settings,
     model_dir: Path,
@@ -173,26 +200,20 @@ async def measure(
     requests: int,
     workdir: Path,
 ) -> Measured:
-    launch = variant_launch(settings, model_dir, adapter, variant)
-    console.print(f"[bold]{variant.name}[/bold]: {' '.join(launch.command()[3:])}")
-    log_file = workdir / f"engine-{len(list(workdir.glob('engine-*.log')))}.log"
-    async with running_engine(launch, log_file) as (url, start_s, pid):
-        engine = EngineClient(url)
-        await engine.load_adapter(ADAPTER, str(adapter))
-        await engine.aclose()
-        rss_gib = tree_rss_gib(pid)
+    async with engine_with_adapter(settings, model_dir, adapter, variant, workdir) as engine:
+        rss_gib = tree_rss_gib(engine.pid)
         stream = {"stream": True, "stream_options": {"include_usage": True}, "logprobs": True}
-        server = Server(url)
+        server = Server(engine.url)
         targets = (
             Target("adapter", server, {"model": ADAPTER, **stream}),
-            Target("base", server, {"model": launch.served_model_name, **stream}),
+            Target("base", server, {"model": engine.launch.served_model_name, **stream}),
         )
         limits = httpx.Limits(max_connections=16)
         async with httpx.AsyncClient(timeout=300.0, limits=limits) as client:
             await warm_up(client, targets, 2, 1)
             results = await compare(client, targets, max(1, requests // 4), 1)
             results += await compare(client, targets, requests, 8)
-    return Measured(variant, start_s, rss_gib, results)
+    return Measured(variant, engine.start_s, rss_gib, results)
 
 
 # report

@@ -131,14 +131,21 @@ class Result:
     def ttft_median_ms(self) -> float:
         return 1000 * statistics.median(self.ttfts)
 
+    def ttft_quantile_ms(self, q: float) -> float:
+        return nearest_rank_ms(self.ttfts, q)
+
     @property
     def cpu_ms_per_request(self) -> float | None:
         return None if self.cpu_s is None else 1000 * self.cpu_s / len(self.latencies)
 
     def quantile_ms(self, q: float) -> float:
-        """Nearest-rank quantile, in milliseconds."""
-        ranked = sorted(self.latencies)
-        return 1000 * ranked[max(0, math.ceil(q * len(ranked)) - 1)]
+        return nearest_rank_ms(self.latencies, q)
+
+
+def nearest_rank_ms(seconds: list[float], q: float) -> float:
+    """The nearest-rank quantile of `seconds`, in milliseconds."""
+    ranked = sorted(seconds)
+    return 1000 * ranked[max(0, math.ceil(q * len(ranked)) - 1)]
 
 
 @dataclass(frozen=True)
