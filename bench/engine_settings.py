@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,15 +123,18 @@ def process_tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def tree_total(pid: int, figure: Callable[[psutil.Process], float]) -> float:
+    """`figure` summed over a process and all its children (one gone meanwhile counts 0)."""
+    total = 0.0
+    for process in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += figure(process)
+    return total
+
+
 def tree_rss_gib(pid: int) -> float:
     """Resident memory of a process and all its children."""
-    total = 0
-    for process in process_tree(pid):
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / (1 << 30)
+    return tree_total(pid, lambda process: process.memory_info().rss) / (1 << 30)
 
 
 @asynccontextmanager

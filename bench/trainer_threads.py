@@ -68,7 +68,7 @@ import psutil
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from bench.engine_settings import ADAPTER, DEFAULTS, engine_with_adapter, process_tree
+from bench.engine_settings import ADAPTER, DEFAULTS, engine_with_adapter, process_tree, tree_total
 from bench.gateway import Answers, Result, Server, Target, console, positive_int, read_stream
 from bench.gateway import warm_up as warm_up_engine
 from monitor.goldens import GoldenExample
@@ -129,12 +129,7 @@ class Phase:
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds a process and its children have used so far."""
-    total = 0.0
-    for process in process_tree(pid):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
+    return tree_total(pid, lambda process: sum(process.cpu_times()[:2]))  # user + system
 
 
 class Load:
