@@ -24,7 +24,6 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 from pythonjsonlogger.json import JsonFormatter
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from retrain.training.hpo import tune
@@ -42,7 +41,7 @@ from retrain.training.spec import (
 )
 from store import Store
 from store.jobs import TrainingJob
-from store.schema import DatabaseUnavailableError
+from store.schema import DatabaseUnavailableError, unavailable
 
 log = logging.getLogger("retrain.trainer")
 
@@ -98,11 +97,7 @@ def open_job(url: str, job_id: int, deadline_s: float) -> tuple[Store, TrainingS
 
 def _unavailable(url: str, exc: Exception) -> str:
     """One line naming the database, as a store that cannot start says it."""
-    if isinstance(exc, DatabaseUnavailableError):
-        return str(exc)
-    shown = make_url(url).render_as_string(hide_password=True)
-    lines = str(getattr(exc, "orig", exc)).strip().splitlines()
-    return f"the database {shown}: {lines[0] if lines else type(exc).__name__}"
+    return str(exc if isinstance(exc, DatabaseUnavailableError) else unavailable(url, exc))
 
 
 class StoreProgress:

@@ -170,11 +170,17 @@ def _explained(url: str | URL) -> Iterator[None]:
     try:
         yield
     except OperationalError as exc:
-        raise DatabaseUnavailableError(f"the database {shown}: {_first_line(exc)}") from None
+        raise unavailable(url, exc) from None
     except DBAPIError as exc:
         raise SchemaMismatchError(
             f"the database {shown}: {_first_line(exc)}; its schema was left as it was"
         ) from None
+
+
+def unavailable(url: str | URL, exc: OperationalError) -> DatabaseUnavailableError:
+    """A database that cannot be reached or is locked, in one line that names it (no password)."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    return DatabaseUnavailableError(f"the database {shown}: {_first_line(exc)}")
 
 
 def _first_line(exc: DBAPIError) -> str:
